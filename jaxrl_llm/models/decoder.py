@@ -1,0 +1,173 @@
+"""The decoder: token embedding, a stack of pre-norm attention + (MoE) MLP blocks, final RMSNorm.
+
+The forward returns final hidden states, not logits: the unembedding is applied by the loss/sampler code so the
+chunked log-prob kernel can avoid materialising ``[batch, time, vocab]`` logits.
+"""
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.layers import MLP, Attention, LayerCache, MoE, RMSNorm, param, rope_inv_freq
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+__all__ = ["Decoder", "DecoderOutput", "KVCache", "init_cache", "REMAT_POLICIES"]
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Fixed-size key/value cache for incremental decoding (a pytree; carried through ``lax.while_loop``)."""
+
+    k: jax.Array  # [L, B, S, n_kv, head_dim]
+    v: jax.Array  # [L, B, S, n_kv, head_dim]
+    index: jax.Array  # int32 scalar: next free slot
+    mask: jax.Array  # bool [B, S]: slot holds a real token
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), index=jnp.zeros((), jnp.int32),
+                   mask=jnp.zeros((batch, max_len), bool))
+
+
+@flax.struct.dataclass
+class DecoderOutput:
+    hidden: jax.Array  # [B, T, D] after the final norm
+    cache: KVCache | None = None
+    residuals: jax.Array | None = None  # [L + 1, B, T, D] residual stream (before the final norm)
+    router_logits: jax.Array | None = None  # [L_moe, B, T, E]
+    experts: jax.Array | None = None  # [L_moe, B, T, k]
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, index: int, *, rngs, dtype, param_dtype):
+        self.is_moe = cfg.layer_is_moe(index)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", rngs=rngs, param_dtype=param_dtype)
+        self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", rngs=rngs, param_dtype=param_dtype)
+        if self.is_moe:
+            self.mlp = MoE(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x, positions, inv_freq, allowed, cache, cache_index, forced):
+        h, cache = self.attn(self.attn_norm(x), positions, inv_freq, allowed, cache, cache_index)
+        x = x + h.astype(x.dtype)
+        logits = experts = None
+        if self.is_moe:
+            h, logits, experts = self.mlp(self.mlp_norm(x), forced)
+        else:
+            h = self.mlp(self.mlp_norm(x))
+        return x + h.astype(x.dtype), cache, logits, experts
+
+
+def _layer_call(layer, *args):
+    return layer(*args)
+
+
+class Decoder(nnx.Module):
+    """Llama / Qwen2 / Qwen3 / Qwen3-MoE decoder (see :class:`ModelConfig`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: str = "none"):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {remat!r}")
+        self.cfg = cfg
+        self.dtype = dtype
+        self.remat = remat
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                                for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", rngs=rngs, param_dtype=param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
+
+    def unembedding(self) -> jax.Array:
+        """``[D, V]`` matrix with ``logits = hidden @ unembedding()``."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed[...].T
+        return self.lm_head[...]
+
+    def final_norm(self, h: jax.Array) -> jax.Array:
+        return self.norm(h)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Full logits (fp32) from hidden states; only for small vocabularies, tests and decoding steps."""
+        return jnp.einsum("btd,dv->btv", hidden, self.unembedding().astype(hidden.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens, positions, *, attention_mask=None, segment_ids=None, cache: KVCache | None = None,
+                 return_residuals: bool = False, forced_experts=None) -> DecoderOutput:
+        cfg = self.cfg
+        if tokens.ndim != 2 or positions.shape != tokens.shape:
+            raise ValueError(f"tokens and positions must both be [batch, time]; got {tokens.shape} and "
+                             f"{positions.shape}")
+        b, t = tokens.shape
+        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
+            valid = valid & (segment_ids > 0)
+        if forced_experts is not None and forced_experts.shape[:3] != (cfg.num_moe_layers, b, t):
+            raise ValueError(f"forced_experts must be [{cfg.num_moe_layers}, {b}, {t}, k], got "
+                             f"{forced_experts.shape}")
+
+        if cache is None:
+            idx = jnp.arange(t)
+            allowed = (idx[None, :, None] >= idx[None, None, :]) & valid[:, None, :]
+            if segment_ids is not None:
+                allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+            cache_index = 0
+        else:
+            if t > cache.max_len:
+                raise ValueError(f"{t} tokens do not fit a KV cache of {cache.max_len} slots")
+            cache_index = cache.index
+            slot_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, valid, cache_index, axis=1)
+            slots = jnp.arange(cache.max_len)
+            query_slot = cache_index + jnp.arange(t)
+            allowed = (slots[None, None, :] <= query_slot[None, :, None]) & slot_mask[:, None, :]
+
+        inv_freq = rope_inv_freq(cfg)
+        x = self.embed[...][tokens].astype(self.dtype)
+        residuals = [x] if return_residuals else None
+        router_logits, experts = [], []
+        new_k, new_v = [], []
+        call = _layer_call
+        if self.remat != "none":
+            policy = None if self.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+            call = nnx.remat(_layer_call, policy=policy)
+        moe_i = 0
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else LayerCache(cache.k[i], cache.v[i])
+            forced = None
+            if layer.is_moe and forced_experts is not None:
+                forced = forced_experts[moe_i]
+            x, layer_cache, logits, chosen = call(layer, x, positions, inv_freq, allowed, layer_cache,
+                                                  cache_index, forced)
+            if layer.is_moe:
+                router_logits.append(logits)
+                experts.append(chosen)
+                moe_i += 1
+            if cache is not None:
+                new_k.append(layer_cache.k)
+                new_v.append(layer_cache.v)
+            if return_residuals:
+                residuals.append(x)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v), index=cache.index + t, mask=slot_mask)
+        return DecoderOutput(
+            hidden=self.norm(x),
+            cache=new_cache,
+            residuals=jnp.stack(residuals) if return_residuals else None,
+            router_logits=jnp.stack(router_logits) if router_logits else None,
+            experts=jnp.stack(experts) if experts else None,
+        )

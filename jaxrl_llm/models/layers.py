@@ -1,0 +1,182 @@
+"""Building blocks of the decoder: RMSNorm, rotary embeddings, attention with a KV cache, SwiGLU MLP, MoE.
+
+Weights are stored in "JAX layout" (input dimension first) and carry logical axis names in their
+``logical_axes`` metadata; :mod:`jaxrl_llm.parallel` maps those names to mesh axes.
+"""
+from __future__ import annotations
+
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrl_llm.models.config import ModelConfig
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def param(rngs: nnx.Rngs, shape, axes, dtype, *, init: str = "normal", std: float = 0.02) -> nnx.Param:
+    """A parameter with logical axis names. Random init is only for fresh models; loaders overwrite it."""
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, axis_name: str, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = param(rngs, (dim,), (axis_name,), param_dtype, init="ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        # the weight multiplies after casting back, as in the reference implementations
+        return self.weight[...].astype(dtype) * x32.astype(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies ``[head_dim / 2]``, with llama3 frequency-dependent scaling when configured."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    scaling = cfg.rope_scaling_dict
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate ``x [B, T, heads, head_dim]`` by ``positions [B, T]`` (rotate-half convention), in float32."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+@flax.struct.dataclass
+class LayerCache:
+    k: jax.Array  # [B, S, n_kv, head_dim]
+    v: jax.Array
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.dtype = dtype
+        self.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), param_dtype)
+        self.k = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), param_dtype)
+        if cfg.qkv_bias:
+            self.q_bias = param(rngs, (h, hd), ("heads", "head_dim"), param_dtype, init="zeros")
+            self.k_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), param_dtype, init="zeros")
+            self.v_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), param_dtype, init="zeros")
+        if cfg.o_bias:
+            self.o_bias = param(rngs, (d,), ("embed",), param_dtype, init="zeros")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, "head_dim", rngs=rngs, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, "head_dim", rngs=rngs, param_dtype=param_dtype)
+
+    def __call__(self, x, positions, inv_freq, allowed, cache: LayerCache | None, cache_index):
+        """``allowed [B, T, S]``: which key slots each query may attend to (S = T without a cache)."""
+        cfg, dt = self.cfg, self.dtype
+        x = x.astype(dt)
+        q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
+        if cfg.qkv_bias:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache_index, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, axis=1)
+            cache = LayerCache(k_all, v_all)
+            k, v = k_all.astype(dt), v_all.astype(dt)
+        b, t = x.shape[:2]
+        group = cfg.num_heads // cfg.num_kv_heads
+        qg = q.reshape(b, t, cfg.num_kv_heads, group, cfg.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+        scores = scores * (1.0 / math.sqrt(cfg.head_dim))
+        scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+        if cfg.o_bias:
+            out = out + self.o_bias[...].astype(dt)
+        return out, cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, d: int, f: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.dtype = dtype
+        self.gate = param(rngs, (d, f), ("embed", "mlp"), param_dtype)
+        self.up = param(rngs, (d, f), ("embed", "mlp"), param_dtype)
+        self.down = param(rngs, (f, d), ("mlp", "embed"), param_dtype)
+
+    def __call__(self, x):
+        dt = self.dtype
+        x = x.astype(dt)
+        h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
+        return h @ self.down[...].astype(dt)
+
+
+class MoE(nnx.Module):
+    """Top-k routed mixture of SwiGLU experts (shared-nothing), Qwen3-MoE style.
+
+    The router's softmax is taken in float32 over all experts, the top-k probabilities are optionally
+    renormalised (``norm_topk_prob``). ``forced_experts [B, T, k]`` replaces the top-k choice (routing replay);
+    the gate weights are then the router probabilities at the forced experts. Every expert is evaluated densely
+    and combined with the gate weights, which keeps shapes static and lets the expert axis be sharded.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        d, f, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+        self.cfg = cfg
+        self.dtype = dtype
+        self.router = param(rngs, (d, e), ("embed", "experts"), param_dtype)
+        self.gate = param(rngs, (e, d, f), ("experts", "embed", "mlp"), param_dtype)
+        self.up = param(rngs, (e, d, f), ("experts", "embed", "mlp"), param_dtype)
+        self.down = param(rngs, (e, f, d), ("experts", "mlp", "embed"), param_dtype)
+
+    def __call__(self, x, forced_experts=None):
+        cfg, dt = self.cfg, self.dtype
+        x = x.astype(dt)
+        logits = jnp.einsum("btd,de->bte", x, self.router[...].astype(dt)).astype(jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1)
+        if forced_experts is None:
+            top_p, top_i = jax.lax.top_k(probs, cfg.num_experts_per_tok)
+        else:
+            top_i = forced_experts.astype(jnp.int32)
+            top_p = jnp.take_along_axis(probs, top_i, axis=-1)
+        if cfg.norm_topk_prob:
+            top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+        weights = jnp.sum(jax.nn.one_hot(top_i, cfg.num_experts, dtype=jnp.float32) * top_p[..., None], axis=-2)
+        g = jnp.einsum("btd,edf->btef", x, self.gate[...].astype(dt))
+        u = jnp.einsum("btd,edf->btef", x, self.up[...].astype(dt))
+        y = jnp.einsum("btef,efd->bted", jax.nn.silu(g) * u, self.down[...].astype(dt))
+        out = jnp.einsum("bted,bte->btd", y, weights.astype(dt))
+        return out, logits, top_i

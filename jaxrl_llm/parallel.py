@@ -1,0 +1,116 @@
+"""Device meshes and the logical-axis rules table that maps parameter axes to mesh axes.
+
+Parameters carry logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``, ``head_dim``, ``mlp``,
+``experts``). One rules table maps each name to a mesh axis (or a tuple of them, or ``None`` for replicated);
+changing the table re-shards the model without touching model code. A mesh axis is used at most once per array:
+when two dimensions of one parameter map to the same mesh axis, the later one is replicated.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# logical axis -> mesh axis (or axes); the defaults give FSDP over `fsdp`, Megatron-style tensor parallelism
+# over `tensor` and expert parallelism over `expert`
+DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "experts": "expert",
+}
+
+__all__ = ["MESH_AXES", "DEFAULT_RULES", "make_mesh", "logical_to_pspec", "state_shardings", "shard_model",
+           "batch_sharding"]
+
+
+def make_mesh(axes: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over ``devices`` (default: all) with the named axis sizes; one size may be -1 (fill the rest).
+
+    Axes not named get size 1, so every mesh has all of ``MESH_AXES`` and one rules table serves every layout.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    axes = dict(axes or {"data": -1})
+    unknown = [a for a in axes if a not in MESH_AXES]
+    if unknown:
+        raise ValueError(f"unknown mesh axes {unknown}; allowed: {MESH_AXES}")
+    fill = [a for a, n in axes.items() if n == -1]
+    if len(fill) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {fill}")
+    known = math.prod(n for n in axes.values() if n != -1)
+    if any(n == 0 or n < -1 for n in axes.values()):
+        raise ValueError(f"mesh axis sizes must be positive or -1, got {axes}")
+    if fill:
+        if len(devices) % known:
+            raise ValueError(f"mesh {axes} cannot fill {len(devices)} devices: {len(devices)} is not divisible by "
+                             f"{known}")
+        axes[fill[0]] = len(devices) // known
+    sizes = [axes.get(a, 1) for a in MESH_AXES]
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
+                         f"{len(devices)} are available")
+    return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_pspec(names: Sequence[str | None], rules: Mapping[str, object] | None = None,
+                     mesh: Mesh | None = None) -> P:
+    """PartitionSpec for an array whose dimensions have the given logical names."""
+    rules = DEFAULT_RULES if rules is None else rules
+    used: set[str] = set()
+    spec = []
+    for name in names:
+        target = rules.get(name) if name is not None else None
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        targets = tuple(t for t in targets if t not in used and (mesh is None or mesh.shape.get(t, 1) > 1))
+        used.update(targets)
+        spec.append(None if not targets else targets[0] if len(targets) == 1 else targets)
+    return P(*spec)
+
+
+def _spec_fits(shape, spec: P, mesh: Mesh) -> P:
+    """Drop mesh axes that do not divide the dimension they shard (replicate it instead)."""
+    out = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        size = math.prod(mesh.shape[a] for a in axes)
+        out.append(entry if axes and dim % size == 0 else None)
+    return P(*out)
+
+
+def state_shardings(state, mesh: Mesh, rules: Mapping[str, object] | None = None):
+    """NamedShardings for every variable of an nnx state (from its ``logical_axes`` metadata)."""
+
+    def one(var):
+        names = var.get_metadata().get("logical_axes") if isinstance(var, nnx.Variable) else None
+        shape = var.get_value().shape if isinstance(var, nnx.Variable) else np.shape(var)
+        if not names:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, _spec_fits(shape, logical_to_pspec(names, rules, mesh), mesh))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, object] | None = None) -> nnx.Module:
+    """Place the model's parameters on ``mesh`` according to ``rules`` (in place; returns the model)."""
+    state = nnx.state(model)
+    shardings = state_shardings(state, mesh, rules)
+    values = jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, state,
+                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+    placed = jax.device_put(values, shardings)
+    nnx.update(model, placed)
+    return model
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Mapping[str, object] | None = None) -> NamedSharding:
+    """Sharding of a ``[batch, ...]`` array: the batch axis over the data-parallel mesh axes."""
+    return NamedSharding(mesh, logical_to_pspec(("batch",) + (None,) * (ndim - 1), rules, mesh))
