@@ -1,0 +1,8 @@
+"""Sampling with the trainer's own model code: a jitted prefill + decode loop, scoring, mismatch metrics."""
+from jaxrl_llm.sampling.consistency import mismatch_metrics
+from jaxrl_llm.sampling.filters import SamplingParams, filter_logits, sample_tokens
+from jaxrl_llm.sampling.sampler import FINISH_LENGTH, FINISH_STOP, Rollout, Sampler
+from jaxrl_llm.sampling.score import rollout_logprobs, score, sequence_logprobs
+
+__all__ = ["FINISH_LENGTH", "FINISH_STOP", "Rollout", "Sampler", "SamplingParams", "filter_logits",
+           "mismatch_metrics", "rollout_logprobs", "sample_tokens", "score", "sequence_logprobs"]

@@ -1,0 +1,232 @@
+"""The jitted sampler: prefill + ``lax.while_loop`` decode over a fixed-size KV cache, on the trainer's model code.
+
+Row layout: a batch of ``B`` left-padded prompts yields ``B * n`` rows, prompt-major (row ``i * n + j`` is sample
+``j`` of prompt ``i``). The ``n`` samples of a prompt share one prefill: the prompt's cache is computed once and
+repeated.
+
+Reported log-probs: ``log softmax(logits / temperature)[token]``, the log-probability of the sampled token under
+the temperature-scaled distribution *before* top-k/top-p/min-p truncation. This is the distribution the trainer
+can reproduce (:func:`jaxrl_llm.sampling.score.sequence_logprobs` with the same temperature); with truncation the
+actual sampling distribution is that one restricted to the kept tokens and renormalised, so the reported value
+is lower than the truncated log-prob by the log of the kept probability mass.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrl_llm.losses import entropy_from_logits
+from jaxrl_llm.models import Decoder, init_cache, left_pad_positions
+from jaxrl_llm.sampling.filters import SamplingParams, sample_tokens
+
+__all__ = ["Rollout", "Sampler", "FINISH_STOP", "FINISH_LENGTH"]
+
+FINISH_STOP = 0
+FINISH_LENGTH = 1
+
+
+@flax.struct.dataclass
+class Rollout:
+    prompt_ids: jax.Array  # int32 [N, P] left-padded (repeated n times per prompt)
+    prompt_mask: jax.Array  # bool [N, P]
+    tokens: jax.Array  # int32 [N, R] sampled tokens (0 after the end)
+    logprobs: jax.Array  # float32 [N, R] sampler log-probs (0 after the end)
+    mask: jax.Array  # bool [N, R] response tokens, the stop token included
+    lengths: jax.Array  # int32 [N]
+    finish_reason: jax.Array  # int32 [N]: FINISH_STOP or FINISH_LENGTH
+    experts: jax.Array | None = None  # int32 [L_moe, N, P + R, k] routing of every input position (MoE)
+    n: int = flax.struct.field(pytree_node=False, default=1)
+
+
+def token_logprob(logits: jax.Array, tokens: jax.Array, temperature: float) -> jax.Array:
+    """``log softmax(logits / temperature)[tokens]`` for ``logits [N, V]`` (shared by sampler and exact scorer)."""
+    z = logits / temperature
+    return jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), tokens[:, None], axis=-1)[:, 0]
+
+
+def prefill(model: Decoder, prompt_ids, prompt_mask, n: int, max_len: int, cache_dtype):
+    """Run the prompts once, then repeat cache and next-token logits for the ``n`` samples of each prompt."""
+    b = prompt_ids.shape[0]
+    cache = init_cache(model.cfg, b, max_len, cache_dtype)
+    out = model(prompt_ids, left_pad_positions(prompt_mask), attention_mask=prompt_mask, cache=cache)
+    logits = model.logits(out.hidden[:, -1:])[:, 0]  # left padding: the last column is every row's last token
+    rep = functools.partial(jnp.repeat, repeats=n, axis=0)
+    cache = out.cache.replace(k=jnp.repeat(out.cache.k, n, axis=1), v=jnp.repeat(out.cache.v, n, axis=1),
+                              mask=rep(out.cache.mask))
+    experts = None if out.experts is None else jnp.repeat(out.experts, n, axis=1)
+    return rep(logits), cache, experts
+
+
+def decode_step(model: Decoder, cache, tokens, positions):
+    """Feed one token per row; returns next-token logits [N, V] (fp32), the cache and the routing."""
+    out = model(tokens[:, None], positions[:, None], cache=cache)
+    experts = None if out.experts is None else out.experts[:, :, 0]
+    return model.logits(out.hidden)[:, 0], out.cache, experts
+
+
+def _generate(graphdef, state, prompt_ids, prompt_mask, key, row_stop, row_max_new, *, params: SamplingParams,
+              cache_dtype, compute_dtype):
+    if compute_dtype is not None:
+        state = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                             state)
+    model = nnx.merge(graphdef, state)
+    n, r = params.n, params.max_new_tokens
+    p = prompt_ids.shape[1]
+    logits, cache, prompt_experts = prefill(model, prompt_ids, prompt_mask, n, p + r, cache_dtype)
+    rows = logits.shape[0]
+    prompt_len = jnp.repeat(prompt_mask.sum(axis=1).astype(jnp.int32), n)
+    cfg = model.cfg
+    experts = None
+    if prompt_experts is not None:
+        k = cfg.num_experts_per_tok
+        # the last response token is never fed back; give it a fixed routing (its output is never used)
+        experts = jnp.concatenate(
+            [prompt_experts, jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (cfg.num_moe_layers, rows, r, k))],
+            axis=2)
+
+    carry = dict(
+        t=jnp.zeros((), jnp.int32), key=key, cache=cache, logits=logits,
+        tokens=jnp.zeros((rows, r), jnp.int32), logprobs=jnp.zeros((rows, r), jnp.float32),
+        done=jnp.zeros((rows,), bool), stopped=jnp.zeros((rows,), bool), lengths=jnp.zeros((rows,), jnp.int32),
+        experts=experts,
+    )
+
+    def cond(c):
+        return (c["t"] < r) & ~jnp.all(c["done"])
+
+    def body(c):
+        t = c["t"]
+        key, sub = jax.random.split(c["key"])
+        tok = sample_tokens(sub, c["logits"], params)
+        logp = token_logprob(c["logits"], tok, params.temperature)
+        active = ~c["done"]
+        tok = jnp.where(active, tok, 0)
+        is_stop = active & jnp.any(tok[:, None] == row_stop, axis=1)
+        lengths = c["lengths"] + active
+        done = c["done"] | is_stop | (lengths >= row_max_new)
+        new_logits, cache, routed = decode_step(model, c["cache"], tok, prompt_len + t)
+        out = dict(
+            t=t + 1, key=key, cache=cache, logits=new_logits,
+            tokens=c["tokens"].at[:, t].set(tok),
+            logprobs=c["logprobs"].at[:, t].set(jnp.where(active, logp, 0.0)),
+            done=done, stopped=c["stopped"] | is_stop, lengths=lengths, experts=c["experts"],
+        )
+        if routed is not None:
+            out["experts"] = c["experts"].at[:, :, p + t].set(routed)
+        return out
+
+    c = jax.lax.while_loop(cond, body, carry)
+    mask = jnp.arange(r)[None, :] < c["lengths"][:, None]
+    return Rollout(
+        prompt_ids=jnp.repeat(prompt_ids, n, axis=0), prompt_mask=jnp.repeat(prompt_mask, n, axis=0),
+        tokens=c["tokens"], logprobs=c["logprobs"], mask=mask, lengths=c["lengths"],
+        finish_reason=jnp.where(c["stopped"], FINISH_STOP, FINISH_LENGTH).astype(jnp.int32),
+        experts=c["experts"], n=n,
+    )
+
+
+def _score_exact(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, n: int, temperature: float,
+                 cache_dtype, compute_dtype):
+    """Teacher-force ``tokens`` through the sampler's own prefill and decode step (bitwise-equal log-probs)."""
+    if compute_dtype is not None:
+        state = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                             state)
+    model = nnx.merge(graphdef, state)
+    r = tokens.shape[1]
+    logits, cache, _ = prefill(model, prompt_ids, prompt_mask, n, prompt_ids.shape[1] + r, cache_dtype)
+    prompt_len = jnp.repeat(prompt_mask.sum(axis=1).astype(jnp.int32), n)
+
+    def step(carry, xs):
+        cache, logits = carry
+        t, tok = xs
+        logp = token_logprob(logits, tok, temperature)
+        ent = entropy_from_logits(logits / temperature)
+        logits, cache, _ = decode_step(model, cache, tok, prompt_len + t)
+        return (cache, logits), (logp, ent)
+
+    _, (logp, ent) = jax.lax.scan(step, (cache, logits), (jnp.arange(r), tokens.T))
+    return jnp.where(mask, logp.T, 0.0), jnp.where(mask, ent.T, 0.0)
+
+
+class Sampler:
+    """Samples from a :class:`Decoder` given its graph definition and (changing) parameter state.
+
+    Args:
+      model: the policy (only its structure is kept; pass the current state to :meth:`generate`).
+      consistency: ``"default"`` (sampler and :func:`score` agree to ~1e-6 in fp32) or ``"exact"`` (the scorer
+        replays the sampler's own prefill/decode computation, so log-probs are bitwise equal; it needs the same
+        rows, padding and ``n`` as the rollout).
+      compute_dtype: sample in another precision than the model's (e.g. ``jnp.bfloat16`` with an fp32 trainer).
+    """
+
+    CONSISTENCY_MODES = ("default", "exact")
+
+    def __init__(self, model: Decoder, *, consistency: str = "default", compute_dtype=None, cache_dtype=None):
+        if consistency not in self.CONSISTENCY_MODES:
+            raise ValueError(f"consistency must be one of {self.CONSISTENCY_MODES}, got {consistency!r}")
+        self.consistency = consistency
+        self.cfg = model.cfg
+        if consistency == "exact" and compute_dtype is not None and compute_dtype != model.dtype:
+            raise ValueError("consistency='exact' needs the sampler to run in the model's own precision; "
+                             "drop compute_dtype or use consistency='default'")
+        if compute_dtype is not None and compute_dtype != model.dtype:
+            cfg, remat = model.cfg, model.remat
+            model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=compute_dtype,
+                                                   param_dtype=compute_dtype, remat=remat))
+        else:
+            compute_dtype = None
+        self.compute_dtype = compute_dtype
+        self.graphdef = nnx.graphdef(model)
+        self.cache_dtype = cache_dtype or compute_dtype or model.dtype
+        self._generate = jax.jit(_generate, static_argnums=(0,),
+                                 static_argnames=("params", "cache_dtype", "compute_dtype"))
+        self._score_exact = jax.jit(_score_exact, static_argnums=(0,),
+                                    static_argnames=("n", "temperature", "cache_dtype", "compute_dtype"))
+
+    def generate(self, state, prompt_ids, prompt_mask, params: SamplingParams, key, *, stop_tokens=None,
+                 max_new_tokens=None) -> Rollout:
+        """Sample ``params.n`` continuations of each left-padded prompt.
+
+        ``stop_tokens`` (int ``[B, K]``, -1 = unused) and ``max_new_tokens`` (int ``[B]``) set per-prompt stops and
+        budgets on top of ``params.stop_tokens`` / ``params.max_new_tokens``.
+        """
+        prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+        prompt_mask = jnp.asarray(prompt_mask, bool)
+        if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
+            raise ValueError(f"prompt_ids and prompt_mask must both be [batch, prompt_len]; got "
+                             f"{prompt_ids.shape} and {prompt_mask.shape}")
+        b, p = prompt_ids.shape
+        if b == 0 or p == 0:
+            raise ValueError("empty batch of prompts")
+        lengths = jax.device_get(prompt_mask.sum(axis=1))
+        if (lengths == 0).any():
+            raise ValueError(f"empty prompt at row(s) {[int(i) for i in (lengths == 0).nonzero()[0]]}")
+        if not bool(jax.device_get(prompt_mask[:, -1].all())):
+            raise ValueError("prompts must be left-padded: the last column must hold a real token in every row")
+        if p + params.max_new_tokens > self.cfg.max_position_embeddings:
+            raise ValueError(f"prompt length {p} + max_new_tokens {params.max_new_tokens} exceeds the model's "
+                             f"max_position_embeddings {self.cfg.max_position_embeddings}")
+        n = params.n
+        stops = list(params.stop_tokens)
+        row_stop = jnp.full((b, max(len(stops), 1)), -1, jnp.int32)
+        if stops:
+            row_stop = row_stop.at[:, :len(stops)].set(jnp.asarray(stops, jnp.int32))
+        if stop_tokens is not None:
+            row_stop = jnp.concatenate([row_stop, jnp.asarray(stop_tokens, jnp.int32).reshape(b, -1)], axis=1)
+        row_max = jnp.full((b,), params.max_new_tokens, jnp.int32)
+        if max_new_tokens is not None:
+            row_max = jnp.minimum(row_max, jnp.asarray(max_new_tokens, jnp.int32))
+        return self._generate(self.graphdef, state, prompt_ids, prompt_mask, key, jnp.repeat(row_stop, n, axis=0),
+                              jnp.repeat(row_max, n), params=params, cache_dtype=self.cache_dtype,
+                              compute_dtype=self.compute_dtype)
+
+    def score_exact(self, state, rollout: Rollout, temperature: float):
+        """Bitwise-consistent per-token (log-prob, entropy) of the rollout's tokens (``exact`` mode)."""
+        n = rollout.n
+        return self._score_exact(self.graphdef, state, rollout.prompt_ids[::n], rollout.prompt_mask[::n],
+                                 rollout.tokens, rollout.mask, n=n, temperature=float(temperature),
+                                 cache_dtype=self.cache_dtype, compute_dtype=self.compute_dtype)

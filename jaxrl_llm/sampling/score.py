@@ -1,0 +1,64 @@
+"""Trainer-side scoring: per-token log-probs and entropies of given response tokens.
+
+:func:`sequence_logprobs` is a pure, differentiable function of the model: the trainer uses it for the
+current policy inside the loss, and (jitted, through :func:`score`) for old and reference log-probs. It runs
+one full forward over ``[prompt | response]`` and the chunked log-prob kernel, so ``[B, T, V]`` logits are never
+materialised.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrl_llm.losses import token_logprobs_and_entropy
+from jaxrl_llm.models import left_pad_positions
+
+__all__ = ["sequence_logprobs", "score", "rollout_logprobs"]
+
+
+def sequence_logprobs(model, prompt_ids, prompt_mask, tokens, mask, *, temperature: float = 1.0, chunk: int = 512,
+                      forced_experts=None):
+    """``(logp [N, R], entropy [N, R])`` of response ``tokens`` after left-padded prompts; 0 where ``mask`` is off.
+
+    ``temperature`` must be the sampling temperature so values match the sampler's. ``forced_experts``
+    (``[L_moe, N, P + R, k]``) replays a recorded MoE routing.
+    """
+    p = prompt_ids.shape[1]
+    ids = jnp.concatenate([prompt_ids, tokens], axis=1).astype(jnp.int32)
+    full_mask = jnp.concatenate([prompt_mask, mask], axis=1).astype(bool)
+    out = model(ids, left_pad_positions(full_mask), attention_mask=full_mask, forced_experts=forced_experts)
+    # hidden state at position i predicts token i + 1: response token t is predicted at p - 1 + t
+    hidden = out.hidden[:, p - 1:-1]
+    logp, ent = token_logprobs_and_entropy(hidden, model.unembedding(), tokens, chunk=chunk,
+                                           temperature=temperature)
+    return jnp.where(mask, logp, 0.0), jnp.where(mask, ent, 0.0)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("temperature", "chunk"))
+def _score(graphdef, state, prompt_ids, prompt_mask, tokens, mask, forced_experts, *, temperature, chunk):
+    model = nnx.merge(graphdef, state)
+    return sequence_logprobs(model, prompt_ids, prompt_mask, tokens, mask, temperature=temperature, chunk=chunk,
+                             forced_experts=forced_experts)
+
+
+def score(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, temperature: float = 1.0, chunk: int = 512,
+          forced_experts=None):
+    """Jitted :func:`sequence_logprobs` for a model given as ``(graphdef, state)`` (no gradient)."""
+    return _score(graphdef, state, prompt_ids, prompt_mask, tokens, mask, forced_experts,
+                  temperature=float(temperature), chunk=chunk)
+
+
+def rollout_logprobs(sampler, graphdef, state, rollout, *, temperature: float, chunk: int = 512,
+                     forced_experts=None):
+    """Trainer log-probs (and entropies) of a rollout's tokens under the model ``(graphdef, state)``.
+
+    In the sampler's ``exact`` mode they are recomputed through the sampler's own prefill/decode path and equal
+    the rollout's log-probs bit for bit; otherwise one full forward (:func:`score`).
+    """
+    if sampler.consistency == "exact":
+        return sampler.score_exact(state, rollout, temperature)
+    return score(graphdef, state, rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask,
+                 temperature=temperature, chunk=chunk, forced_experts=forced_experts)

@@ -1,0 +1,212 @@
+"""Sampler: consistency with the scorer (default and exact), sampling statistics, stops, sharing, sharding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxrl_llm.losses import logprobs_from_logits
+from jaxrl_llm.models import Decoder, ModelConfig, left_pad_positions
+from jaxrl_llm.parallel import make_mesh, shard_model
+from jaxrl_llm.sampling import (FINISH_LENGTH, FINISH_STOP, Sampler, SamplingParams, filter_logits,
+                                mismatch_metrics, rollout_logprobs)
+
+
+def _cfg(moe=False, vocab=64):
+    kw = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, moe_layers=(True, True)) if moe else {}
+    return ModelConfig(model_type="qwen3_moe" if moe else "qwen3", vocab_size=vocab, hidden_size=32,
+                       intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True,
+                       **kw)
+
+
+def _model(moe=False, seed=0, vocab=64, scale=1.0):
+    model = Decoder(_cfg(moe, vocab), rngs=nnx.Rngs(seed))
+    if scale != 1.0:  # sharper distributions than the tiny random init gives
+        model.embed[...] = model.embed[...] * scale
+    return model
+
+
+def _prompts():
+    ids = jnp.array([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5], [0, 9, 8, 7, 6]], jnp.int32)
+    mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]], bool)
+    return ids, mask
+
+
+@pytest.mark.parametrize("moe", [False, True])
+@pytest.mark.parametrize("mode", ["default", "exact"])
+def test_sampler_logprobs_match_score(moe, mode):
+    model = _model(moe, scale=20.0)
+    graphdef, state = nnx.split(model)
+    sampler = Sampler(model, consistency=mode)
+    params = SamplingParams(temperature=0.8, max_new_tokens=10, n=2)
+    ro = sampler.generate(state, *_prompts(), params, jax.random.key(1))
+    logp, ent = rollout_logprobs(sampler, graphdef, state, ro, temperature=0.8)
+    m = np.asarray(ro.mask)
+    diff = np.abs(np.asarray(logp) - np.asarray(ro.logprobs))[m]
+    if mode == "exact":
+        assert diff.max() == 0.0
+        np.testing.assert_array_equal(np.asarray(logp), np.asarray(ro.logprobs))
+    else:
+        assert diff.max() <= 1e-5
+    assert np.all(np.asarray(ent)[m] > 0)
+    metrics = mismatch_metrics(ro.logprobs, logp, ro.mask)
+    assert float(metrics["mismatch_abs_max"]) == pytest.approx(float(diff.max()), abs=1e-9)
+    if moe:
+        assert ro.experts.shape == (2, 6, 5 + 10, 2)
+
+
+def test_greedy_equals_argmax_of_full_forward():
+    model = _model(scale=10.0)
+    graphdef, state = nnx.split(model)
+    ids, mask = _prompts()
+    ro = Sampler(model).generate(state, ids, mask, SamplingParams(greedy=True, max_new_tokens=6), jax.random.key(0))
+    seq = jnp.concatenate([ro.prompt_ids, ro.tokens], axis=1)
+    full_mask = jnp.concatenate([ro.prompt_mask, ro.mask], axis=1)
+    out = model(seq, left_pad_positions(full_mask), attention_mask=full_mask)
+    pred = np.asarray(jnp.argmax(model.logits(out.hidden), axis=-1))[:, ids.shape[1] - 1:-1]
+    np.testing.assert_array_equal(pred, np.asarray(ro.tokens))
+
+
+def test_filters_exclude_tokens():
+    logits = jnp.log(jnp.array([[0.5, 0.25, 0.15, 0.06, 0.04]]))
+    excluded = lambda p: np.isinf(np.asarray(filter_logits(logits, p)))[0]  # noqa: E731
+    assert list(excluded(SamplingParams(top_k=2))) == [False, False, True, True, True]
+    # top-p 0.7: 0.5 alone is < 0.7, with 0.25 it reaches 0.75 -> keep two
+    assert list(excluded(SamplingParams(top_p=0.7))) == [False, False, True, True, True]
+    assert list(excluded(SamplingParams(top_p=0.76))) == [False, False, False, True, True]
+    # min-p 0.2: keep p >= 0.1
+    assert list(excluded(SamplingParams(min_p=0.2))) == [False, False, False, True, True]
+
+
+@pytest.mark.parametrize("params", [SamplingParams(top_k=3, max_new_tokens=8, n=4),
+                                    SamplingParams(top_p=0.5, max_new_tokens=8, n=4)])
+def test_truncation_never_emits_excluded_tokens(params):
+    model = _model(scale=5.0)
+    graphdef, state = nnx.split(model)
+    ids, mask = _prompts()
+    ro = Sampler(model).generate(state, ids, mask, params, jax.random.key(3))
+    seq = jnp.concatenate([ro.prompt_ids, ro.tokens], axis=1)
+    full_mask = jnp.concatenate([ro.prompt_mask, ro.mask], axis=1)
+    out = model(seq, left_pad_positions(full_mask), attention_mask=full_mask)
+    logits = model.logits(out.hidden)[:, ids.shape[1] - 1:-1]
+    allowed = ~np.isinf(np.asarray(filter_logits(logits.reshape(-1, logits.shape[-1]), params)))
+    picked = np.asarray(ro.tokens).reshape(-1)
+    ok = allowed[np.arange(picked.size), picked]
+    assert ok[np.asarray(ro.mask).reshape(-1)].all()
+
+
+def test_empirical_frequencies_match_softmax():
+    model = _model(vocab=8, scale=3.0)
+    graphdef, state = nnx.split(model)
+    ids = jnp.array([[3, 1, 4]], jnp.int32)
+    mask = jnp.ones((1, 3), bool)
+    n = 4000
+    params = SamplingParams(temperature=1.3, max_new_tokens=1, n=n)
+    ro = Sampler(model).generate(state, ids, mask, params, jax.random.key(7))
+    out = model(ids, left_pad_positions(mask), attention_mask=mask)
+    probs = np.asarray(jax.nn.softmax(model.logits(out.hidden)[0, -1] / 1.3))
+    counts = np.bincount(np.asarray(ro.tokens[:, 0]), minlength=8)
+    # Pearson chi-square with 7 degrees of freedom: the 0.999 quantile is 24.3
+    chi2 = float(np.sum((counts - n * probs) ** 2 / (n * probs)))
+    assert chi2 < 24.3, (counts, n * probs)
+    # and the reported log-probs are those of the temperature-scaled softmax
+    np.testing.assert_allclose(np.asarray(ro.logprobs[:, 0]), np.log(probs)[np.asarray(ro.tokens[:, 0])], atol=1e-5)
+
+
+def test_stop_tokens_lengths_and_row_budgets():
+    model = _model(scale=10.0)
+    graphdef, state = nnx.split(model)
+    ids, mask = _prompts()
+    greedy = SamplingParams(greedy=True, max_new_tokens=8)
+    sampler = Sampler(model)
+    free = sampler.generate(state, ids, mask, greedy, jax.random.key(0))
+    first = np.asarray(free.tokens[:, 2])  # make each row stop at its own third token
+    ro = sampler.generate(state, ids, mask, greedy, jax.random.key(0), stop_tokens=first[:, None],
+                          max_new_tokens=jnp.array([8, 8, 2]))
+    lengths = np.asarray(ro.lengths)
+    toks = np.asarray(free.tokens)
+    for i in range(3):
+        budget = 2 if i == 2 else 8
+        expect = min(int(np.argmax(toks[i] == first[i])) + 1, budget)
+        assert lengths[i] == expect
+        np.testing.assert_array_equal(np.asarray(ro.tokens[i, :expect]), toks[i, :expect])
+        assert not np.asarray(ro.tokens[i, expect:]).any()
+        assert np.asarray(ro.mask[i]).sum() == expect
+        assert int(ro.finish_reason[i]) == (FINISH_STOP if toks[i, expect - 1] == first[i] else FINISH_LENGTH)
+
+
+def test_n_samples_share_prompt_and_are_deterministic():
+    model = _model(scale=3.0)
+    graphdef, state = nnx.split(model)
+    ids, mask = _prompts()
+    sampler = Sampler(model)
+    params = SamplingParams(max_new_tokens=6, n=3)
+    a = sampler.generate(state, ids, mask, params, jax.random.key(5))
+    b = sampler.generate(state, ids, mask, params, jax.random.key(5))
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_array_equal(np.asarray(a.prompt_ids), np.repeat(np.asarray(ids), 3, axis=0))
+    # samples of one prompt differ from each other, and each equals an n=1 run's distribution support
+    assert len({tuple(r) for r in np.asarray(a.tokens)[:3]}) > 1
+    c = sampler.generate(state, ids, mask, params, jax.random.key(6))
+    assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+
+
+def test_sharded_equals_unsharded_and_exact_under_mesh():
+    model = _model(moe=True, scale=5.0)
+    graphdef, state = nnx.split(model)
+    ids, mask = _prompts()
+    ids = jnp.concatenate([ids, ids[:1]])  # 4 prompts
+    mask = jnp.concatenate([mask, mask[:1]])
+    params = SamplingParams(max_new_tokens=6, n=2)
+    ref = Sampler(model).generate(state, ids, mask, params, jax.random.key(2))
+
+    sharded_model = _model(moe=True, scale=5.0)
+    mesh = make_mesh({"data": 2, "tensor": 2, "expert": 2})
+    shard_model(sharded_model, mesh)
+    gd2, state2 = nnx.split(sharded_model)
+    batch = NamedSharding(mesh, P("data"))
+    sampler = Sampler(sharded_model, consistency="exact")
+    ro = sampler.generate(state2, jax.device_put(ids, batch), jax.device_put(mask, batch), params,
+                          jax.random.key(2))
+    np.testing.assert_array_equal(np.asarray(ro.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(ro.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+    logp, _ = rollout_logprobs(sampler, gd2, state2, ro, temperature=1.0)
+    np.testing.assert_array_equal(np.asarray(logp), np.asarray(ro.logprobs))
+
+
+def test_bf16_sampler_against_fp32_scorer():
+    model = _model(scale=10.0)
+    graphdef, state = nnx.split(model)
+    sampler = Sampler(model, compute_dtype=jnp.bfloat16)
+    ro = sampler.generate(state, *_prompts(), SamplingParams(max_new_tokens=8), jax.random.key(0))
+    logp, _ = rollout_logprobs(sampler, graphdef, state, ro, temperature=1.0)
+    m = mismatch_metrics(ro.logprobs, logp, ro.mask)
+    # bf16 has ~3 significant digits: a real but bounded mismatch
+    assert 1e-5 < float(m["mismatch_abs_max"]) < 0.5
+    with pytest.raises(ValueError, match="exact"):
+        Sampler(model, consistency="exact", compute_dtype=jnp.bfloat16)
+
+
+def test_bad_input():
+    model = _model()
+    _, state = nnx.split(model)
+    sampler = Sampler(model)
+    ids, mask = _prompts()
+    with pytest.raises(ValueError, match="empty prompt at row"):
+        sampler.generate(state, ids, mask.at[0].set(False), SamplingParams(), jax.random.key(0))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        sampler.generate(state, ids, mask, SamplingParams(max_new_tokens=5000), jax.random.key(0))
+    with pytest.raises(ValueError, match="left-padded"):
+        sampler.generate(state, ids, mask.at[1, -1].set(False), SamplingParams(), jax.random.key(0))
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingParams(top_k=-1)
+    with pytest.raises(ValueError, match="consistency"):
+        Sampler(model, consistency="strict")
+    # reported log-probs use the full (untruncated) temperature softmax
+    logits = jnp.log(jnp.array([[[0.5, 0.3, 0.2]]]))
+    assert float(logprobs_from_logits(logits, jnp.array([[1]]))[0, 0]) == pytest.approx(np.log(0.3), rel=1e-5)
