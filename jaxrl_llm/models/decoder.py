@@ -22,20 +22,26 @@ __all__ = ["Decoder", "DecoderOutput", "KVCache", "init_cache", "REMAT_POLICIES"
 class KVCache:
     """Fixed-size key/value cache for incremental decoding (a pytree; carried through ``lax.while_loop``)."""
 
-    k: jax.Array  # [L, B, S, n_kv, head_dim]
-    v: jax.Array  # [L, B, S, n_kv, head_dim]
+    # one array per layer (not one stacked array), so a decode step updates each layer's slots in place
+    k: tuple[jax.Array, ...]  # L x [B, n_kv, S, head_dim]
+    v: tuple[jax.Array, ...]  # L x [B, n_kv, S, head_dim]
     index: jax.Array  # int32 scalar: next free slot
     mask: jax.Array  # bool [B, S]: slot holds a real token
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.mask.shape[1]
+
+    def map_batch(self, fn) -> "KVCache":
+        """Apply ``fn`` to every per-row array (keys, values, mask), e.g. to repeat rows."""
+        return self.replace(k=tuple(fn(x) for x in self.k), v=tuple(fn(x) for x in self.v), mask=fn(self.mask))
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), index=jnp.zeros((), jnp.int32),
-                   mask=jnp.zeros((batch, max_len), bool))
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                   index=jnp.zeros((), jnp.int32), mask=jnp.zeros((batch, max_len), bool))
 
 
 @flax.struct.dataclass
@@ -163,7 +169,7 @@ class Decoder(nnx.Module):
                 residuals.append(x)
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v), index=cache.index + t, mask=slot_mask)
+            new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), index=cache.index + t, mask=slot_mask)
         return DecoderOutput(
             hidden=self.norm(x),
             cache=new_cache,

@@ -73,7 +73,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 @flax.struct.dataclass
 class LayerCache:
-    k: jax.Array  # [B, S, n_kv, head_dim]
+    k: jax.Array  # [B, n_kv, S, head_dim]
     v: jax.Array
 
 
@@ -111,19 +111,38 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        if cache is not None:
-            k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache_index, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, axis=1)
-            cache = LayerCache(k_all, v_all)
-            k, v = k_all.astype(dt), v_all.astype(dt)
         b, t = x.shape[:2]
         group = cfg.num_heads // cfg.num_kv_heads
         qg = q.reshape(b, t, cfg.num_kv_heads, group, cfg.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+        if cache is None:
+            # keys/values [B, S, kv, d] straight from the projection
+            scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+        else:
+            # the cache is kept heads-major [B, kv, S, d]: the decode step reads it contiguously, and the update
+            # writes only the new slots in place
+            k_all = jax.lax.dynamic_update_slice_in_dim(
+                cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), cache_index, axis=2)
+            v_all = jax.lax.dynamic_update_slice_in_dim(
+                cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), cache_index, axis=2)
+            cache = LayerCache(k_all, v_all)
+            k, v = k_all.astype(dt), v_all.astype(dt)
+            if t == 1:
+                # one query per row (decoding): a multiply-reduce over the contiguous head_dim fuses into a single
+                # pass over the cache, much cheaper on CPU than many tiny batched matrix products
+                scores = jnp.sum(qg[:, 0, :, :, None, :].astype(jnp.float32) * k[:, :, None].astype(jnp.float32),
+                                 axis=-1)[:, :, :, None, :]
+            else:
+                scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
         scores = scores * (1.0 / math.sqrt(cfg.head_dim))
         scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        if cache is None:
+            out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        elif t == 1:
+            out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None], axis=3)[:, None]  # [b, 1, kv, g, d]
+        else:
+            out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+        out = out.reshape(b, t, cfg.num_heads, cfg.head_dim)
         out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)

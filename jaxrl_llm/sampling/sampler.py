@@ -55,8 +55,7 @@ def prefill(model: Decoder, prompt_ids, prompt_mask, n: int, max_len: int, cache
     out = model(prompt_ids, left_pad_positions(prompt_mask), attention_mask=prompt_mask, cache=cache)
     logits = model.logits(out.hidden[:, -1:])[:, 0]  # left padding: the last column is every row's last token
     rep = functools.partial(jnp.repeat, repeats=n, axis=0)
-    cache = out.cache.replace(k=jnp.repeat(out.cache.k, n, axis=1), v=jnp.repeat(out.cache.v, n, axis=1),
-                              mask=rep(out.cache.mask))
+    cache = out.cache.map_batch(rep)
     experts = None if out.experts is None else jnp.repeat(out.experts, n, axis=1)
     return rep(logits), cache, experts
 
