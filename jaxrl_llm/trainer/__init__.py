@@ -1,0 +1,1 @@
+"""The RL trainer: update step, optimizer, and (growing) the rollout-to-update loop."""
