@@ -1,0 +1,50 @@
+"""Configuration: merge order, typed overrides, errors that name the key."""
+import pytest
+
+from jaxrl_llm.config import ConfigError, load_config, save_config, validate
+
+
+def test_merge_order_and_types(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("model:\n  path: /m\ntrain:\n  steps: 5\n  lr: 0.001\nalgorithm:\n  clip_high: 0.28\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\ntrain:\n  steps: 7\nrollout:\n  n: 4\n")
+    cfg = load_config(str(child), ["train.lr=3e-4", "algorithm.dual_clip=3", "rollout.sampler_dtype=null"])
+    assert cfg.model.path == "/m" and cfg.train.steps == 7 and cfg.rollout.n == 4
+    assert cfg.train.lr == pytest.approx(3e-4) and cfg.algorithm.clip_high == pytest.approx(0.28)
+    assert cfg.algorithm.dual_clip == 3.0 and cfg.rollout.sampler_dtype is None
+    save_config(cfg, str(tmp_path / "run" / "config.yaml"))
+    again = load_config(str(tmp_path / "run" / "config.yaml"))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.step=3"], "unknown config key 'train.step'.*train.steps"),
+    (["train.steps=abc"], "invalid value for 'train.steps'"),
+    (["algorithm.minibatches=3"], "algorithm.minibatches: 64 responses"),
+    (["train.micro_batch_size=5"], "train.micro_batch_size"),
+    (["algorithm.policy_loss=ppo"], "algorithm.policy_loss: got 'ppo'; allowed: ppo_clip"),
+    (["algorithm.clip_low=1.5"], "algorithm.clip_low"),
+    (["algorithm.dual_clip=0.5"], "algorithm.dual_clip"),
+    (["algorithm.loss_agg=mean"], "algorithm.loss_agg"),
+    (["rollout.top_p=0"], "rollout.top_p"),
+    (["rollout.consistency=exact", "rollout.sampler_dtype=bfloat16"], "rollout.sampler_dtype"),
+    (["data.source=jsonl"], "data.path"),
+    (["train.steps"], "section.key=value"),
+])
+def test_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["model.path=/m"] + overrides)
+
+
+def test_missing_required_and_mesh_check(tmp_path):
+    with pytest.raises(ConfigError, match="model.path"):
+        load_config(None, [])
+    cfg = load_config(None, ["model.path=/m", "mesh.tensor=3"])
+    with pytest.raises(ConfigError, match="mesh"):
+        validate(cfg, device_count=8)
+    cfg = load_config(None, ["model.path=/m", "train.micro_batch_size=4", "mesh.data=8"])
+    with pytest.raises(ConfigError, match="data-parallel size 8"):
+        validate(cfg, device_count=8)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.yaml"))

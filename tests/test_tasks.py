@@ -1,0 +1,78 @@
+"""The arithmetic task: answers verified by an independent evaluator, split disjointness, scoring."""
+import ast
+import operator
+import random
+import re
+
+import pytest
+
+from jaxrl_llm.tasks.arith import ArithTask, extract_answer, score_completion
+
+
+def _independent_answer(prompt: str) -> int:
+    """Evaluate the prompt text with Python's own parser (mod 10 after every operation)."""
+    *defs, query = prompt.split(",")
+    env = {}
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+
+    def ev(node):
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Name):
+            return env[node.id]
+        return ops[type(node.op)](ev(node.left), ev(node.right)) % 10
+
+    for d in defs:
+        name, expr = d.split("=")
+        env[name] = ev(ast.parse(expr, mode="eval").body)
+    return env[query.lstrip("?")]
+
+
+@pytest.mark.parametrize("difficulty", range(1, 9))
+def test_answers_and_solutions_are_correct(difficulty):
+    task = ArithTask(1, 8)
+    rng = random.Random(difficulty)
+    for _ in range(50):
+        p = task.generate(rng, difficulty)
+        assert p.answer == _independent_answer(p.prompt)
+        assert p.prompt.count("=") == task.num_literals + difficulty
+        steps = p.solution.split(",")
+        assert len(steps) == difficulty + 1 and steps[-1] == f"#{p.answer}"
+        for step in steps[:-1]:  # every worked step is arithmetically right
+            m = re.fullmatch(r"([a-z])=(\d)([+\-*])(\d)=(\d)", step)
+            a, op, b, c = int(m[2]), m[3], int(m[4]), int(m[5])
+            assert {"+": a + b, "-": a - b, "*": a * b}[op] % 10 == c
+        assert score_completion(p.solution, p.answer) == 1.0
+
+
+def test_target_depends_on_every_operation():
+    task = ArithTask(3, 3)
+    p = task.generate(random.Random(0))
+    defs = dict(d.split("=") for d in p.prompt.split(",")[:-1])
+    needed, frontier = set(), [p.prompt.split("?")[1]]
+    while frontier:
+        v = frontier.pop()
+        needed.add(v)
+        frontier += [c for c in re.findall(r"[a-z]", defs[v]) if c not in needed]
+    ops = [k for k, v in defs.items() if not v.isdigit()]
+    assert set(ops) <= needed
+
+
+def test_splits_do_not_overlap_and_are_deterministic():
+    task = ArithTask(1, 3)
+    train = task.split("train", 2000, seed=0)
+    evals = task.split("eval", 300, seed=0) + task.split("eval", 300, seed=1)
+    assert not {p.prompt for p in train} & {p.prompt for p in evals}
+    assert [p.prompt for p in task.split("train", 50, seed=0)] == [p.prompt for p in train[:50]]
+    assert {p.difficulty for p in task.split("eval", 100, seed=0, difficulties=(2,))} == {2}
+
+
+def test_extract_and_score():
+    assert extract_answer("a=1+2=3,#3") == 3
+    assert extract_answer("no marker 5") is None
+    assert score_completion("x,# 7<|im_end|>", 7) == 1.0
+    assert score_completion("#8", "7") == 0.0
+    with pytest.raises(ValueError):
+        ArithTask(3, 2)
+    with pytest.raises(ValueError, match="split"):
+        next(ArithTask().stream("test", 0))
