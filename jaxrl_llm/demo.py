@@ -47,7 +47,7 @@ def run_demo(seed: int = 0, steps: int = 30, prompts: int = 8, n: int = 8, new_t
         key, sub = jax.random.split(key)
         ids = jnp.asarray(rng.integers(1, cfg.vocab_size, (prompts, 6)), jnp.int32)
         mask = jnp.ones_like(ids, bool)
-        state = nnx.State.merge(params, rest)
+        state = nnx.merge_state(params, rest)
         ro = sampler.generate(state, ids, mask, sample, sub)
         hits = np.asarray((ro.tokens == TARGET) & ro.mask).sum(1) / np.maximum(np.asarray(ro.lengths), 1)
         rewards = jnp.asarray(hits, jnp.float32).reshape(prompts, n)

@@ -1,0 +1,321 @@
+"""The RL loop: prompts -> rollouts -> rewards -> advantages -> old/ref log-probs -> minibatch updates -> metrics
+-> checkpoint. One :class:`RLTrainer` per run; :meth:`RLTrainer.train` runs it to ``train.steps``.
+
+Sharding: the mesh comes from ``cfg.mesh``; parameters and optimizer state are placed by the models' logical-axis
+rules, rollout/update batches are sharded over the data-parallel axes, and the jitted update has explicit
+in/out shardings. Resuming restores parameters, optimizer state, PRNG key, step and data position, so an
+interrupted run continues exactly as an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxrl_llm import advantages as A
+from jaxrl_llm import losses as L
+from jaxrl_llm.checkpoint import Checkpointer
+from jaxrl_llm.config import TrainConfig, save_config, validate
+from jaxrl_llm.data import PromptStream, load_rows, tokenize_prompts
+from jaxrl_llm.metrics import mean_pass_at_k
+from jaxrl_llm.models import load_hf, save_hf
+from jaxrl_llm.parallel import make_mesh
+from jaxrl_llm.rewards import compute_rewards, get_reward
+from jaxrl_llm.sampling import Rollout, Sampler, SamplingParams, mismatch_metrics, rollout_logprobs, score
+from jaxrl_llm.sampling import sequence_logprobs
+from jaxrl_llm.tokenizer import load_tokenizer
+from jaxrl_llm.tracking import MetricsLogger, Progress
+from jaxrl_llm.trainer.optim import make_optimizer
+from jaxrl_llm.trainer.step import Experience, LossConfig, make_update_step, minibatch_normalizer, split_micro
+
+__all__ = ["RLTrainer", "train"]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _concat_rollouts(parts: list[Rollout]) -> Rollout:
+    if len(parts) == 1:
+        return parts[0]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1 if xs[0].ndim == 4 else 0), *parts)
+
+
+def _take_rows(ro: Rollout, idx: np.ndarray) -> Rollout:
+    def take(x):
+        return x[:, idx] if x.ndim == 4 else x[idx]  # MoE routes are [L, N, T, k]
+
+    return jax.tree.map(take, ro)
+
+
+class RLTrainer:
+    def __init__(self, cfg: TrainConfig):
+        validate(cfg, device_count=jax.device_count())
+        self.cfg = cfg
+        self.is_main = jax.process_index() == 0
+        self.run_dir = cfg.log.run_dir
+        self.mesh = make_mesh(dataclasses.asdict(cfg.mesh))
+        model, self.model_cfg = load_hf(cfg.model.path, mesh=self.mesh, dtype=_DTYPES[cfg.model.dtype],
+                                        param_dtype=_DTYPES[cfg.model.param_dtype], remat=cfg.model.remat)
+        self.tokenizer = load_tokenizer(cfg.model.path)
+        self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+        a, r, t = cfg.algorithm, cfg.rollout, cfg.train
+        self.ref_params = jax.tree.map(jnp.copy, self.params) if a.kl_coef > 0 else None
+        sampler_dtype = _DTYPES[r.sampler_dtype] if r.sampler_dtype else None
+        self.sampler = Sampler(model, consistency=r.consistency, compute_dtype=sampler_dtype)
+        stops = tuple(i for i in (self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+                      if isinstance(i, int) and i >= 0 and i != self.tokenizer.unk_token_id)
+        self.sampling = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
+                                       max_new_tokens=r.max_new_tokens, n=r.n, stop_tokens=stops)
+        self.loss_cfg = LossConfig(policy_loss=a.policy_loss, agg=a.loss_agg, clip_low=a.clip_low,
+                                   clip_high=a.clip_high, dual_clip=a.dual_clip,
+                                   kl_coef=0.0 if a.kl_in_reward else a.kl_coef, kl_estimator=a.kl_estimator,
+                                   entropy_coef=a.entropy_coef,
+                                   agg_constant=a.agg_constant or float(r.max_new_tokens))
+        updates_total = t.steps * a.ppo_epochs * a.minibatches
+        self.optimizer = make_optimizer(t.lr, steps=updates_total, warmup_steps=t.warmup_steps, schedule=t.schedule,
+                                        weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, grad_clip=t.grad_clip or None)
+        self.opt_state = jax.jit(self.optimizer.init)(self.params)
+        temperature, chunk = r.temperature, t.logprob_chunk
+
+        def logprob_fn(m, exp: Experience):
+            return sequence_logprobs(m, exp.prompt_ids, exp.prompt_mask, exp.tokens, exp.mask,
+                                     temperature=temperature, chunk=chunk, forced_experts=exp.forced_experts)
+
+        param_sh = jax.tree.map(lambda x: x.sharding, self.params)
+        opt_sh = jax.tree.map(lambda x: x.sharding, self.opt_state)
+        rest_sh = jax.tree.map(lambda x: x.sharding, self.rest)
+        self.batch_spec = NamedSharding(self.mesh, P(None, ("data", "fsdp")))
+        self._update = jax.jit(make_update_step(self.graphdef, self.optimizer, self.loss_cfg, logprob_fn),
+                               in_shardings=(param_sh, rest_sh, opt_sh, None, None),
+                               out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 2))
+        self.stream = PromptStream(load_rows(cfg.data), t.prompts_per_step, seed=cfg.data.seed,
+                                   shuffle=cfg.data.shuffle, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+        self.reward_fns = [(s.name, get_reward(s.name, **s.kwargs), s.weight) for s in cfg.reward.fns]
+        self.key = jax.random.key(t.seed)
+        self.step = 0
+        self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=cfg.checkpoint.keep,
+                                         async_save=cfg.checkpoint.async_save)
+        if cfg.checkpoint.resume and self.checkpointer.latest_step() is not None:
+            self._restore()
+
+    # ---- state -------------------------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        return {"params": self.params, "opt_state": self.opt_state, "key": jax.random.key_data(self.key),
+                "step": jnp.asarray(self.step, jnp.int32)}
+
+    def _restore(self) -> None:
+        state, meta = self.checkpointer.restore(self._state())
+        self.params, self.opt_state = state["params"], state["opt_state"]
+        self.key = jax.random.wrap_key_data(state["key"])
+        self.step = int(state["step"])
+        self.stream.set_state(meta["data"])
+        if self.is_main:
+            print(f"[jaxrl_llm] resumed from step {self.step} in {self.checkpointer.directory}")
+
+    def save(self) -> None:
+        self.checkpointer.save(self.step, self._state(), {"data": self.stream.get_state(), "step": self.step})
+
+    def model(self):
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
+    def export_hf(self, path: str | None = None) -> str:
+        path = path or os.path.join(self.run_dir, "hf")
+        save_hf(self.model(), path, tokenizer=self.tokenizer)
+        return path
+
+    # ---- one step ----------------------------------------------------------------------------------------
+
+    def _rollout(self, rows: list[dict]):
+        cfg = self.cfg
+        ids, mask = tokenize_prompts(self.tokenizer, [r["prompt"] for r in rows], cfg.data.max_prompt_tokens,
+                                     chat_template=cfg.data.chat_template)
+        self.key, sub = jax.random.split(self.key)
+        state = nnx.merge_state(self.params, self.rest)
+        ro = self.sampler.generate(state, ids, mask, self.sampling, sub)
+        n = cfg.rollout.n
+        tokens, lengths = np.asarray(ro.tokens), np.asarray(ro.lengths)
+        completions = self.tokenizer.batch_decode([tokens[i, :lengths[i]] for i in range(len(lengths))],
+                                                  skip_special_tokens=True)
+        prompts = [row["prompt"] for row in rows for _ in range(n)]
+        keys = [k for k in rows[0] if k != "prompt"]
+        columns = {k: [row.get(k) for row in rows for _ in range(n)] for k in keys}
+        rewards, per_fn, stats = compute_rewards(self.reward_fns, prompts, completions, columns,
+                                                 timeout=cfg.reward.timeout)
+        return ro, rewards, per_fn, stats, completions
+
+    def _collect(self):
+        """Rollouts for one step; with dynamic sampling, resample until enough groups are informative."""
+        a, n, g = self.cfg.algorithm, self.cfg.rollout.n, self.cfg.train.prompts_per_step
+        parts, tries = [], 0
+        while True:
+            tries += 1
+            parts.append(self._rollout(self.stream.next_batch()))
+            if not a.dynamic_sampling:
+                break
+            informative = sum(int(A.informative_groups(p[1].reshape(-1, n)).sum()) for p in parts)
+            if informative >= g or tries >= a.max_sampling_tries:
+                break
+        ro = _concat_rollouts([p[0] for p in parts])
+        rewards = np.concatenate([p[1] for p in parts])
+        per_fn = {k: np.concatenate([p[2][k] for p in parts]) for k in parts[0][2]}
+        stats = {k: sum(p[3][k] for p in parts) for k in parts[0][3]}
+        extra = {"sampling_tries": float(tries)}
+        if a.dynamic_sampling:
+            groups = rewards.reshape(-1, n)
+            info = np.asarray(A.informative_groups(groups))
+            order = np.concatenate([np.flatnonzero(info), np.flatnonzero(~info)])[:g]
+            extra["dynamic_fill_rate"] = float(min(info.sum(), g) / g)
+            rows = (order[:, None] * n + np.arange(n)[None]).reshape(-1)
+            ro, rewards = _take_rows(ro, rows), rewards[rows]
+            per_fn = {k: v[rows] for k, v in per_fn.items()}
+        return ro, rewards, per_fn, stats, extra
+
+    def _advantages(self, rewards: np.ndarray, mask) -> jax.Array:
+        a, n = self.cfg.algorithm, self.cfg.rollout.n
+        groups = jnp.asarray(rewards, jnp.float32).reshape(-1, n)
+        if a.advantage == "grpo":
+            adv = A.grpo(groups)
+        elif a.advantage == "drgrpo":
+            adv = A.grpo(groups, scale_by_std=False)
+        elif a.advantage == "rloo":
+            adv = A.rloo(groups)
+        elif a.advantage == "reinforce_pp_baseline":
+            adv = A.reinforce_pp_baseline(groups)
+        else:
+            adv = A.passk(groups, k=a.passk_k)
+        return A.broadcast_over_tokens(adv.reshape(-1), mask)
+
+    def train_step(self) -> dict[str, float]:
+        cfg, a = self.cfg, self.cfg.algorithm
+        times = {}
+        t0 = time.perf_counter()
+        ro, rewards, per_fn, rstats, extra = self._collect()
+        jax.block_until_ready(ro.tokens)
+        times["time_rollout_reward"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        state = nnx.merge_state(self.params, self.rest)
+        temperature, chunk = cfg.rollout.temperature, cfg.train.logprob_chunk
+        old_logp, _ = rollout_logprobs(self.sampler, self.graphdef, state, ro, temperature=temperature, chunk=chunk)
+        metrics: dict[str, Any] = dict(mismatch_metrics(ro.logprobs, old_logp, ro.mask))
+        ref_logp = None
+        if self.ref_params is not None:
+            ref_state = nnx.merge_state(self.ref_params, self.rest)
+            ref_logp, _ = score(self.graphdef, ref_state, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
+                                temperature=temperature, chunk=chunk)
+            kl_tok = L.kl(old_logp, ref_logp, a.kl_estimator)
+            seq_kl = np.asarray(jnp.sum(jnp.where(ro.mask, kl_tok, 0.0), axis=1))
+            metrics["kl_ref"] = float(jnp.sum(jnp.where(ro.mask, kl_tok, 0.0)) / jnp.maximum(ro.mask.sum(), 1))
+            if a.kl_in_reward:
+                rewards = rewards - a.kl_coef * seq_kl
+        if a.overlong_penalty:
+            rewards = rewards + np.asarray(A.overlong_penalty(np.asarray(ro.lengths), max_len=cfg.rollout.max_new_tokens,
+                                                              cache_len=a.overlong_cache))
+        adv = self._advantages(rewards, ro.mask)
+        jax.block_until_ready(old_logp)
+        times["time_score"] = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        exp = Experience(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, tokens=ro.tokens, mask=ro.mask,
+                         advantages=adv, old_logp=old_logp, ref_logp=ref_logp)
+        update_metrics = self._update_epochs(exp)
+        times["time_update"] = time.perf_counter() - t2
+
+        self.step += 1
+        metrics.update(update_metrics)
+        metrics.update(self._rollout_metrics(ro, rewards, per_fn))
+        metrics.update(rstats)
+        metrics.update(extra)
+        metrics.update(times)
+        total_time = sum(times.values())
+        tokens = float(np.asarray(ro.mask).sum() + np.asarray(ro.prompt_mask).sum())
+        metrics["tokens_per_sec"] = tokens / total_time
+        # 6 N FLOPs per trained token (forward + backward) + 2 N per sampled/scored token
+        flops = (6 * self.model_cfg.num_params() * tokens * a.ppo_epochs + 4 * self.model_cfg.num_params() * tokens)
+        metrics["model_tflops_per_sec"] = flops / total_time / 1e12
+        return {k: float(v) for k, v in metrics.items()}
+
+    def _update_epochs(self, exp: Experience) -> dict[str, float]:
+        cfg, a = self.cfg, self.cfg.algorithm
+        rows = exp.num_rows
+        mb = rows // a.minibatches
+        num_micro = mb // cfg.train.micro_batch_size
+        sums: dict[str, float] = {}
+        count = 0
+        for epoch in range(a.ppo_epochs):
+            perm = np.random.default_rng((cfg.train.seed, self.step, epoch)).permutation(rows)
+            for i in range(a.minibatches):
+                idx = jnp.asarray(perm[i * mb:(i + 1) * mb])
+                part = jax.tree.map(lambda x: x[idx], exp)
+                norm = minibatch_normalizer(part.mask, self.loss_cfg)
+                micro = jax.device_put(split_micro(part, num_micro), self.batch_spec)
+                self.params, self.opt_state, m = self._update(self.params, self.rest, self.opt_state, micro, norm)
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+        out = {k: v / count for k, v in sums.items()}
+        out["skipped_nonfinite"] = sums.get("skipped_nonfinite", 0.0)
+        return out
+
+    def _rollout_metrics(self, ro: Rollout, rewards: np.ndarray, per_fn: dict) -> dict[str, float]:
+        n = self.cfg.rollout.n
+        lengths = np.asarray(ro.lengths)
+        first = next(iter(per_fn.values()))
+        correct = (first > 0).reshape(-1, n)
+        ks = sorted({1, n} | {k for k in (2, 4, 8, 16) if k <= n})
+        out = {f"pass@{k}": v for k, v in mean_pass_at_k(correct, ks).items()}
+        out.update({
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+            "accuracy": float(correct.mean()),
+            "response_length_mean": float(lengths.mean()), "response_length_max": float(lengths.max()),
+            "response_clipped_frac": float((np.asarray(ro.finish_reason) == 1).mean()),
+        })
+        for name, v in per_fn.items():
+            out[f"reward/{name}"] = float(v.mean())
+        return out
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg
+        if self.is_main:
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        logger = MetricsLogger(self.run_dir, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard,
+                               enabled=self.is_main)
+        last: dict[str, float] = {}
+        with Progress(cfg.train.steps, f"{cfg.algorithm.name}", enabled=self.is_main and cfg.log.progress,
+                      start=self.step) as bar:
+            while self.step < cfg.train.steps:
+                last = self.train_step()
+                logger.log(self.step, last)
+                bar.update(reward=last["reward_mean"], kl=last.get("kl_ref", 0.0),
+                           ent=last.get("entropy", 0.0), tok_s=last["tokens_per_sec"])
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save()
+        if not cfg.checkpoint.every or self.step % cfg.checkpoint.every:
+            self.save()
+        self.checkpointer.wait()
+        logger.close()
+        if cfg.checkpoint.export_hf and self.is_main:
+            path = self.export_hf()
+            print(f"[jaxrl_llm] policy exported to {path}")
+        return last
+
+    def close(self) -> None:
+        self.checkpointer.close()
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    trainer = RLTrainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
