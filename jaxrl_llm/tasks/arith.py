@@ -36,8 +36,13 @@ class Problem:
     answer: int
     difficulty: int
 
+    @property
+    def model_input(self) -> str:
+        """The text a model is prompted with (the problem and a newline); it should continue with the solution."""
+        return self.prompt + "\n"
+
     def as_row(self) -> dict:
-        return {"prompt": self.prompt, "answer": str(self.answer), "solution": self.solution,
+        return {"prompt": self.model_input, "answer": str(self.answer), "solution": self.solution,
                 "difficulty": self.difficulty}
 
 

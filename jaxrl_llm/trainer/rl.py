@@ -54,12 +54,15 @@ def _take_rows(ro: Rollout, idx: np.ndarray) -> Rollout:
 
 
 class RLTrainer:
-    def __init__(self, cfg: TrainConfig):
-        validate(cfg, device_count=jax.device_count())
+    """One RL run. ``devices`` restricts the mesh to some devices (default: all)."""
+
+    def __init__(self, cfg: TrainConfig, devices=None):
+        devices = list(jax.devices() if devices is None else devices)
+        validate(cfg, device_count=len(devices))
         self.cfg = cfg
         self.is_main = jax.process_index() == 0
         self.run_dir = cfg.log.run_dir
-        self.mesh = make_mesh(dataclasses.asdict(cfg.mesh))
+        self.mesh = make_mesh(dataclasses.asdict(cfg.mesh), devices)
         model, self.model_cfg = load_hf(cfg.model.path, mesh=self.mesh, dtype=_DTYPES[cfg.model.dtype],
                                         param_dtype=_DTYPES[cfg.model.param_dtype], remat=cfg.model.remat)
         self.tokenizer = load_tokenizer(cfg.model.path)
@@ -80,7 +83,11 @@ class RLTrainer:
         updates_total = t.steps * a.ppo_epochs * a.minibatches
         self.optimizer = make_optimizer(t.lr, steps=updates_total, warmup_steps=t.warmup_steps, schedule=t.schedule,
                                         weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, grad_clip=t.grad_clip or None)
-        self.opt_state = jax.jit(self.optimizer.init)(self.params)
+        replicated = NamedSharding(self.mesh, P())
+        # moments follow their parameters' shardings; scalars (step counts) are replicated over the mesh
+        self.opt_state = jax.tree.map(
+            lambda x: x if len(x.sharding.device_set) == self.mesh.size else jax.device_put(x, replicated),
+            jax.jit(self.optimizer.init)(self.params))
         temperature, chunk = r.temperature, t.logprob_chunk
 
         def logprob_fn(m, exp: Experience):
@@ -108,8 +115,11 @@ class RLTrainer:
     # ---- state -------------------------------------------------------------------------------------------
 
     def _state(self) -> dict:
-        return {"params": self.params, "opt_state": self.opt_state, "key": jax.random.key_data(self.key),
-                "step": jnp.asarray(self.step, jnp.int32)}
+        # small leaves are replicated over the mesh so they restore next to the sharded parameters
+        replicated = NamedSharding(self.mesh, P())
+        return {"params": self.params, "opt_state": self.opt_state,
+                "key": jax.device_put(jax.random.key_data(self.key), replicated),
+                "step": jax.device_put(jnp.asarray(self.step, jnp.int32), replicated)}
 
     def _restore(self) -> None:
         state, meta = self.checkpointer.restore(self._state())
@@ -284,8 +294,10 @@ class RLTrainer:
 
     # ---- the loop ----------------------------------------------------------------------------------------
 
-    def train(self) -> dict[str, float]:
+    def train(self, stop_after: int | None = None) -> dict[str, float]:
+        """Run to ``train.steps`` (or stop once ``stop_after`` steps are done, as if interrupted)."""
         cfg = self.cfg
+        end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
         if self.is_main:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
         logger = MetricsLogger(self.run_dir, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard,
@@ -293,7 +305,7 @@ class RLTrainer:
         last: dict[str, float] = {}
         with Progress(cfg.train.steps, f"{cfg.algorithm.name}", enabled=self.is_main and cfg.log.progress,
                       start=self.step) as bar:
-            while self.step < cfg.train.steps:
+            while self.step < end:
                 last = self.train_step()
                 logger.log(self.step, last)
                 bar.update(reward=last["reward_mean"], kl=last.get("kl_ref", 0.0),
