@@ -1,29 +1,128 @@
-"""Command-line entry point: `jaxrl-llm <command> ...`.
+"""Command-line entry point: ``jaxrl-llm <command> ...``.
 
-Commands import their heavy dependencies lazily so `jaxrl-llm --help` is instant.
+    jaxrl-llm pipeline [--config configs/main.yaml] [key=value ...]   the main job: SFT -> RL -> eval -> report
+    jaxrl-llm train --config configs/grpo.yaml [key=value ...]        RL training from a YAML config
+    jaxrl-llm sft --out DIR [key=value ...]                           SFT stage of the main job only
+    jaxrl-llm eval --model DIR [--difficulties 1 2 3] [--n 16]        held-out pass@k on the arithmetic task
+    jaxrl-llm demo                                                    a 30-second GRPO demonstration
+
+Commands import their heavy dependencies lazily so ``jaxrl-llm --help`` is instant.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
-def _demo(args: argparse.Namespace) -> int:
+
+def _demo(args) -> int:
     from jaxrl_llm.demo import run_demo
 
     return run_demo(seed=args.seed)
 
 
+def _train(args) -> int:
+    from jaxrl_llm.config import ConfigError, load_config
+    from jaxrl_llm.trainer.rl import train
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    metrics = train(cfg)
+    print(json.dumps({k: round(v, 6) for k, v in metrics.items()}, indent=1))
+    return 0
+
+
+def _pipeline(args) -> int:
+    from jaxrl_llm.pipeline import load_pipeline_config, run_pipeline
+
+    cfg = load_pipeline_config(args.config, args.overrides)
+    run_pipeline(cfg, CONFIGS_DIR)
+    return 0
+
+
+def _sft(args) -> int:
+    from flax import nnx
+
+    from jaxrl_llm.models import Decoder, ModelConfig
+    from jaxrl_llm.pipeline import load_pipeline_config
+    from jaxrl_llm.sft import run_sft
+    from jaxrl_llm.tasks import ArithTask
+    from jaxrl_llm.tokenizer import build_char_tokenizer
+
+    cfg = load_pipeline_config(args.config, args.overrides)
+    tok = build_char_tokenizer()
+    m = cfg.model
+    mcfg = ModelConfig(model_type="qwen3", vocab_size=len(tok), hidden_size=m.hidden_size,
+                       intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
+                       num_kv_heads=m.num_kv_heads, head_dim=m.hidden_size // m.num_heads, qk_norm=True,
+                       tie_word_embeddings=True, max_position_embeddings=4 * (cfg.prompt_len + cfg.max_new_tokens),
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    task = ArithTask(1, max(cfg.sft.difficulties))
+    examples = ((p.model_input, p.solution)
+                for p in task.stream("train", cfg.seed, difficulties=tuple(cfg.sft.difficulties)))
+    run_sft(Decoder(mcfg, rngs=nnx.Rngs(m.seed)), tok, examples, steps=cfg.sft.steps,
+            batch_size=cfg.sft.batch_size, prompt_len=cfg.prompt_len, target_len=cfg.max_new_tokens, lr=cfg.sft.lr,
+            out_dir=args.out, run_dir=args.out)
+    print(f"SFT checkpoint written to {args.out}")
+    return 0
+
+
+def _eval(args) -> int:
+    from jaxrl_llm.evaluate import evaluate_pass_at_k
+    from jaxrl_llm.models import load_hf
+    from jaxrl_llm.tasks import ArithTask
+    from jaxrl_llm.tokenizer import load_tokenizer
+
+    model, _ = load_hf(args.model)
+    tok = load_tokenizer(args.model)
+    task = ArithTask(1, max(args.difficulties))
+    problems = {d: task.split("eval", args.problems, seed=args.seed, difficulties=(d,)) for d in args.difficulties}
+    table = evaluate_pass_at_k(model, tok, problems, n=args.n, temperature=args.temperature,
+                               max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len, seed=args.seed)
+    print(json.dumps(table, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="jaxrl-llm",
-        description="JAX-native reinforcement learning for large language models.",
-    )
+    parser = argparse.ArgumentParser(prog="jaxrl-llm", description="JAX-native reinforcement learning for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="a short end-to-end demonstration on the CPU")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
+    p = sub.add_parser("pipeline", help="the main job: SFT -> RL -> eval -> report on the arithmetic task")
+    p.add_argument("--config", default=os.path.join(CONFIGS_DIR, "main.yaml"))
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the pipeline config")
+    p.set_defaults(func=_pipeline)
+
+    p = sub.add_parser("train", help="RL training from a YAML config")
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("sft", help="supervised stage of the main job")
+    p.add_argument("--out", required=True, help="directory for the Hugging Face checkpoint")
+    p.add_argument("--config", default=os.path.join(CONFIGS_DIR, "main.yaml"))
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_sft)
+
+    p = sub.add_parser("eval", help="held-out pass@k per difficulty on the arithmetic task")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (with tokenizer)")
+    p.add_argument("--difficulties", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8])
+    p.add_argument("--problems", type=int, default=48)
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=72)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("demo", help="a short GRPO demonstration on a toy objective")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_demo)
     return parser
 
 

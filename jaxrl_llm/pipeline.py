@@ -1,0 +1,171 @@
+"""The main job: a small model learns to reason on the arithmetic task, from scratch to RL, with a report.
+
+    tokenizer + random Qwen3-style model -> SFT on easy worked solutions -> held-out eval (pass@k per difficulty)
+    -> RL (GRPO preset) on the edge-of-competence difficulties -> held-out eval -> plots and summary.md
+
+Everything runs on the CPU in minutes; the run directory holds every artefact (checkpoints in Hugging Face
+format, metrics JSONL, evaluations, report).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from omegaconf import OmegaConf
+
+__all__ = ["PipelineConfig", "run_pipeline", "load_pipeline_config"]
+
+
+@dataclass
+class ModelSpec:
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    seed: int = 0
+
+
+@dataclass
+class SFTSpec:
+    difficulties: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 2e-3
+
+
+@dataclass
+class EvalSpec:
+    difficulties: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 7, 8])
+    problems: int = 48  # held-out problems per difficulty
+    n: int = 16  # samples per problem (pass@k for k <= n)
+    temperature: float = 1.0
+
+
+@dataclass
+class RLSpec:
+    preset: str = "grpo"  # a YAML file in configs/
+    # difficulties trained by RL; empty: chosen from the SFT evaluation (the edge of competence)
+    difficulties: list[int] = field(default_factory=list)
+    edge_low: float = 0.1  # edge of competence: SFT pass@1 strictly between these bounds
+    edge_high: float = 0.8
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PipelineConfig:
+    run_dir: str = "runs/main"
+    seed: int = 0
+    model: ModelSpec = field(default_factory=ModelSpec)
+    sft: SFTSpec = field(default_factory=SFTSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    rl: RLSpec = field(default_factory=RLSpec)
+    prompt_len: int = 64
+    max_new_tokens: int = 72
+
+
+def load_pipeline_config(path: str | None, overrides: list[str]) -> PipelineConfig:
+    cfg = OmegaConf.structured(PipelineConfig)
+    if path:
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    return OmegaConf.to_object(cfg)
+
+
+def _say(msg: str) -> None:
+    print(f"[jaxrl_llm] {msg}", flush=True)
+
+
+def _edge(table: dict, low: float, high: float) -> list[int]:
+    return [d for d, r in sorted(table.items()) if low < r["pass@1"] < high]
+
+
+def run_pipeline(cfg: PipelineConfig, configs_dir: str) -> str:
+    from flax import nnx
+
+    from jaxrl_llm.config import load_config
+    from jaxrl_llm.evaluate import evaluate_pass_at_k
+    from jaxrl_llm.models import Decoder, ModelConfig, load_hf
+    from jaxrl_llm.report import write_report
+    from jaxrl_llm.sft import run_sft
+    from jaxrl_llm.tasks import ArithTask
+    from jaxrl_llm.tokenizer import build_char_tokenizer
+    from jaxrl_llm.tracking import read_jsonl
+    from jaxrl_llm.trainer.rl import RLTrainer
+
+    start = time.perf_counter()
+    run_dir = os.path.abspath(cfg.run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "pipeline.yaml"), "w", encoding="utf-8") as f:
+        f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    task = ArithTask(1, max(cfg.eval.difficulties + cfg.sft.difficulties))
+    tok = build_char_tokenizer()
+    m = cfg.model
+    mcfg = ModelConfig(model_type="qwen3", vocab_size=len(tok), hidden_size=m.hidden_size,
+                       intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
+                       num_kv_heads=m.num_kv_heads, head_dim=m.hidden_size // m.num_heads, qk_norm=True,
+                       tie_word_embeddings=True, max_position_embeddings=4 * (cfg.prompt_len + cfg.max_new_tokens),
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = Decoder(mcfg, rngs=nnx.Rngs(m.seed))
+    _say(f"1/5 SFT: Qwen3-style policy with {mcfg.num_params():,} parameters on difficulties "
+         f"{cfg.sft.difficulties} ({cfg.sft.steps} steps x {cfg.sft.batch_size} worked solutions)")
+    examples = ((p.model_input, p.solution)
+                for p in task.stream("train", cfg.seed, difficulties=tuple(cfg.sft.difficulties)))
+    sft_dir = os.path.join(run_dir, "sft")
+    losses = run_sft(model, tok, examples, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
+                     prompt_len=cfg.prompt_len, target_len=cfg.max_new_tokens, lr=cfg.sft.lr, out_dir=sft_dir,
+                     run_dir=run_dir)
+    _say(f"    SFT loss {losses[0]:.3f} -> {losses[-1]:.3f}; checkpoint: {sft_dir}")
+
+    eval_problems = {d: task.split("eval", cfg.eval.problems, seed=cfg.seed, difficulties=(d,))
+                     for d in cfg.eval.difficulties}
+
+    def evaluate(policy, label):
+        t0 = time.perf_counter()
+        table = evaluate_pass_at_k(policy, tok, eval_problems, n=cfg.eval.n, temperature=cfg.eval.temperature,
+                                   max_new_tokens=cfg.max_new_tokens, prompt_len=cfg.prompt_len, seed=cfg.seed)
+        row = "  ".join(f"d{d}:{r['pass@1']:.2f}/{r.get('pass@16', float('nan')):.2f}" for d, r in table.items())
+        _say(f"    {label} pass@1/pass@16 per difficulty: {row}  ({time.perf_counter() - t0:.0f}s)")
+        with open(os.path.join(run_dir, f"eval_{label}.json"), "w", encoding="utf-8") as f:
+            json.dump(table, f, indent=1)
+        return table
+
+    _say("2/5 evaluating the SFT policy on held-out problems")
+    before = evaluate(model, "sft")
+    difficulties = list(cfg.rl.difficulties) or _edge(before, cfg.rl.edge_low, cfg.rl.edge_high)
+    if not difficulties:  # nothing in the band: take the difficulty closest to pass@1 = 0.5
+        difficulties = [min(before, key=lambda d: abs(before[d]["pass@1"] - 0.5))]
+    _say(f"3/5 RL ({cfg.rl.preset}) on the edge of competence: difficulties {difficulties}")
+    overrides = [f"model.path={sft_dir}", f"log.run_dir={os.path.join(run_dir, 'rl')}",
+                 "data.source=task", f"data.max_prompt_tokens={cfg.prompt_len}",
+                 f"rollout.max_new_tokens={cfg.max_new_tokens}", f"data.seed={cfg.seed}", f"train.seed={cfg.seed}",
+                 f"data.task_kwargs={{difficulties: {difficulties}, max_ops: {max(difficulties)}, "
+                 f"num_problems: 20000}}", "checkpoint.resume=false", *cfg.rl.overrides]
+    rl_cfg = load_config(os.path.join(configs_dir, f"{cfg.rl.preset}.yaml"), overrides)
+    trainer = RLTrainer(rl_cfg)
+    try:
+        trainer.train()
+        policy = trainer.model()
+    finally:
+        trainer.close()
+    _say("4/5 evaluating the RL policy on held-out problems")
+    after = evaluate(policy, "rl")
+    _say("5/5 writing the report")
+    rows = read_jsonl(os.path.join(run_dir, "rl", "metrics.jsonl"))
+    notes = {
+        "model": f"Qwen3-style decoder, {mcfg.num_params():,} parameters, char tokenizer ({len(tok)} tokens)",
+        "SFT": f"{cfg.sft.steps} steps on difficulties {cfg.sft.difficulties}, loss {losses[0]:.3f} -> "
+               f"{losses[-1]:.3f}",
+        "RL": f"{cfg.rl.preset}, {rl_cfg.train.steps} steps x {rl_cfg.train.prompts_per_step} prompts x "
+              f"{rl_cfg.rollout.n} samples on difficulties {difficulties}",
+        "evaluation": f"{cfg.eval.problems} held-out problems per difficulty, {cfg.eval.n} samples each, "
+                      f"temperature {cfg.eval.temperature}",
+        "wall time": f"{time.perf_counter() - start:.0f} s",
+    }
+    path = write_report(os.path.join(run_dir, "report"), rows, before, after, difficulties, notes)
+    _say(f"done in {time.perf_counter() - start:.0f} s. Report: {path}")
+    return path
