@@ -69,3 +69,28 @@ def hf_logits(model, ids, mask):
                     attention_mask=torch.tensor(mask, dtype=torch.long),
                     position_ids=torch.tensor(pos, dtype=torch.long))
     return out.logits.float().numpy()
+
+
+# the name other tests import
+tiny_config = tiny_hf_config
+
+
+def hf_checkpoint_dir(path, family: str, seed: int = 0, **overrides):
+    """Write a random tiny transformers checkpoint (config.json + model.safetensors) into ``path``.
+
+    Returns the PyTorch model, so tests can compare against it.
+    """
+    model = random_hf_model(family, seed=seed, **overrides)
+    model.save_pretrained(str(path))
+    return model
+
+
+def hf_outputs(model, ids, mask):
+    """transformers outputs (hidden states of every layer, router logits for MoE) on a left-padded batch."""
+    import torch
+
+    pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    kwargs = {"output_router_logits": True} if model.config.model_type == "qwen3_moe" else {}
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
+                     position_ids=torch.tensor(pos, dtype=torch.long), output_hidden_states=True, **kwargs)

@@ -10,6 +10,7 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 __all__ = ["ModelConfig", "SUPPORTED_MODEL_TYPES"]
 
@@ -30,22 +31,52 @@ class ModelConfig:
     rope_scaling: tuple[tuple[str, float], ...] | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False  # Qwen2 (and Llama's attention_bias)
-    o_bias: bool = False  # Llama's attention_bias also covers o_proj
-    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on queries and keys
-    # Mixture of experts (Qwen3-MoE); moe_layers[i] says whether layer i is sparse
+    # None = the family's layout: qkv_bias for qwen2; o_bias = attention_bias (llama, qwen3) ; qk_norm for qwen3
+    qkv_bias: bool | None = None  # Qwen2 (and Llama/Qwen3 attention_bias)
+    o_bias: bool | None = None  # Llama/Qwen3 attention_bias also covers o_proj; Qwen2 never has it
+    qk_norm: bool | None = None  # Qwen3: RMSNorm over head_dim on queries and keys
+    # Mixture of experts (Qwen3-MoE); moe_layers[i] says whether layer i is sparse (default for qwen3_moe: all)
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     moe_layers: tuple[bool, ...] = ()
     bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
+    eos_token_id: int | tuple[int, ...] | None = None  # a list is stored as a tuple (the config is hashable)
     pad_token_id: int | None = None
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"unsupported model_type {self.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        qwen3 = self.model_type in ("qwen3", "qwen3_moe")
+        fill = lambda name, value: object.__setattr__(self, name, value) if getattr(self, name) is None else None
+        fill("qkv_bias", self.model_type == "qwen2")
+        fill("o_bias", self.qkv_bias and self.model_type != "qwen2")
+        fill("qk_norm", qwen3)
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.model_type == "qwen3_moe" and not self.moe_layers:
+            object.__setattr__(self, "moe_layers", (True,) * self.num_layers)
+        # the saved checkpoint must mean the same model to transformers, so the layout must match the family
+        if self.model_type == "qwen2" and not (self.qkv_bias and not self.o_bias):
+            raise ValueError("qwen2 has q/k/v biases and no o_proj bias: qkv_bias=True, o_bias=False required, got "
+                             f"qkv_bias={self.qkv_bias}, o_bias={self.o_bias}")
+        if self.model_type != "qwen2" and self.o_bias != self.qkv_bias:
+            raise ValueError(f"{self.model_type}: attention_bias covers q/k/v and o together; got "
+                             f"qkv_bias={self.qkv_bias}, o_bias={self.o_bias}")
+        if self.qk_norm != qwen3:
+            raise ValueError(f"{self.model_type}: qk_norm must be {qwen3} (q/k RMSNorm is part of Qwen3 only), got "
+                             f"{self.qk_norm}")
+        if self.model_type != "qwen3_moe" and any(self.moe_layers):
+            raise ValueError(f"moe_layers is only supported for qwen3_moe, not {self.model_type}")
+        if self.rope_scaling is not None:
+            keys = sorted(k for k, _ in self.rope_scaling)
+            if keys != sorted(LLAMA3_ROPE_KEYS):
+                raise ValueError(f"rope_scaling (llama3) needs exactly the keys {LLAMA3_ROPE_KEYS}, got {keys}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads "
                              f"({self.num_kv_heads})")
@@ -114,11 +145,10 @@ class ModelConfig:
         scaling = None
         if rope_type == "llama3":
             src = rope if rope.get("rope_type") == "llama3" else legacy
-            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-            missing = [k for k in keys if k not in src]
+            missing = [k for k in LLAMA3_ROPE_KEYS if k not in src]
             if missing:
                 raise ValueError(f"llama3 rope scaling is missing {missing}")
-            scaling = tuple((k, float(src[k])) for k in keys)
+            scaling = tuple((k, float(src[k])) for k in LLAMA3_ROPE_KEYS)
         num_heads = int(c["num_attention_heads"])
         hidden = int(c["hidden_size"])
         head_dim = c.get("head_dim") or hidden // num_heads
@@ -166,13 +196,16 @@ class ModelConfig:
         rope_parameters: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling is not None:
             rope_parameters.update(rope_type="llama3", **self.rope_scaling_dict)
+            rope_parameters["original_max_position_embeddings"] = int(
+                rope_parameters["original_max_position_embeddings"])
         common = dict(
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
             num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
             max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=self.tie_word_embeddings,
-            rope_parameters=rope_parameters, bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+            rope_parameters=rope_parameters, bos_token_id=self.bos_token_id,
             pad_token_id=self.pad_token_id, hidden_act="silu",
+            eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
         )
         if self.model_type == "llama":
             return transformers.LlamaConfig(attention_bias=self.qkv_bias, **common)

@@ -5,6 +5,7 @@ Weights are stored in "JAX layout" (input dimension first) and carry logical axi
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import flax
@@ -17,6 +18,27 @@ from jaxrl_llm.models.config import ModelConfig
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
+@functools.partial(jax.jit, static_argnums=(1,))
+def _flat_normal(key: jax.Array, size: int) -> jax.Array:
+    return jax.random.normal(key, (size,), jnp.float32)
+
+
+def _normal(key: jax.Array, shape, dtype, std: float) -> jax.Array:
+    """``std * N(0, 1)`` of ``shape``, drawn as a flat vector of the next power-of-two length and cut.
+
+    Compiling the random generator dominates building a small model op by op; power-of-two lengths mean only a
+    handful of distinct generator programs, whatever the parameter shapes.
+    """
+    n = math.prod(shape)
+    size = 1 << max(n - 1, 0).bit_length()
+    return _cut(_flat_normal(key, size), tuple(shape), jnp.dtype(dtype), float(std))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _cut(flat: jax.Array, shape, dtype, std: float) -> jax.Array:
+    return (std * flat[:math.prod(shape)]).reshape(shape).astype(dtype)
+
+
 def param(rngs: nnx.Rngs, shape, axes, dtype, *, init: str = "normal", std: float = 0.02) -> nnx.Param:
     """A parameter with logical axis names. Random init is only for fresh models; loaders overwrite it."""
     if init == "ones":
@@ -24,7 +46,7 @@ def param(rngs: nnx.Rngs, shape, axes, dtype, *, init: str = "normal", std: floa
     elif init == "zeros":
         value = jnp.zeros(shape, dtype)
     else:
-        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+        value = _normal(rngs.params(), tuple(shape), dtype, std)
     return nnx.Param(value, logical_axes=tuple(axes))
 
 
