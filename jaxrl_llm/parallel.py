@@ -30,8 +30,8 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "experts": "expert",
 }
 
-__all__ = ["MESH_AXES", "DEFAULT_RULES", "make_mesh", "logical_to_pspec", "state_shardings", "shard_model",
-           "batch_sharding"]
+__all__ = ["MESH_AXES", "DEFAULT_RULES", "make_mesh", "logical_to_pspec", "state_shardings", "model_shardings",
+           "shard_model", "batch_sharding"]
 
 
 def make_mesh(axes: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -66,6 +66,11 @@ def logical_to_pspec(names: Sequence[str | None], rules: Mapping[str, object] | 
                      mesh: Mesh | None = None) -> P:
     """PartitionSpec for an array whose dimensions have the given logical names."""
     rules = DEFAULT_RULES if rules is None else rules
+    unknown = [n for n in names if n is not None and n not in rules]
+    if unknown:
+        # a name missing from the table would silently replicate a (possibly huge) array
+        raise ValueError(f"logical axes {unknown} are not in the rules table (known: {sorted(rules)}); map them "
+                         "to a mesh axis or to None")
     used: set[str] = set()
     spec = []
     for name in names:
@@ -98,6 +103,11 @@ def state_shardings(state, mesh: Mesh, rules: Mapping[str, object] | None = None
         return NamedSharding(mesh, _spec_fits(shape, logical_to_pspec(names, rules, mesh), mesh))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def model_shardings(model: nnx.Module, mesh: Mesh, rules: Mapping[str, object] | None = None):
+    """NamedShardings for the model's whole state (same tree structure as ``nnx.state(model)``)."""
+    return state_shardings(nnx.state(model), mesh, rules)
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, object] | None = None) -> nnx.Module:
