@@ -1,15 +1,26 @@
 """Typed run configuration: dataclasses, YAML files with inheritance, and ``key=value`` overrides (OmegaConf).
 
-Merge order: dataclass defaults <- YAML file (which may name a ``base:`` file, resolved relative to itself, merged
-first) <- command-line overrides ``section.key=value``. Unknown keys and ill-typed values are rejected naming the
-key (with close matches suggested); :func:`validate` then checks cross-field consistency (batch sizes that must
-divide, clip bounds, known names), again naming the offending key.
+Merge order, later wins::
+
+    dataclass defaults  <-  YAML file(s)  <-  command-line overrides ``section.key=value``
+
+A YAML file may inherit from presets with ``base: grpo.yaml`` or ``defaults: [grpo.yaml, small.yaml]`` (paths
+relative to the file itself; listed files are merged in order, then the file's own keys). Override values are
+parsed as YAML (``3`` is an int, ``1e-3`` a float, ``null`` is None, ``[1, 2]`` a list, ``{a: 1}`` a mapping);
+list items are addressed as ``reward.fns[0].weight=2``.
+
+Unknown keys and ill-typed values are rejected naming the dotted key (with close matches suggested); then
+:func:`validate` checks cross-field consistency (batch sizes that must divide, clip bounds, known names) and
+again names the offending key. The structural typing is OmegaConf's; the choices and cross-field rules live here.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,98 +28,131 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-__all__ = ["TrainConfig", "ConfigError", "load_config", "validate", "to_yaml", "save_config"]
+__all__ = [
+    "TrainConfig", "ModelSection", "DataSection", "RolloutSection", "AlgorithmSection", "TrainSection",
+    "MeshSection", "CheckpointSection", "LogSection", "RewardSpec", "RewardSection", "ConfigError",
+    "load_config", "validate", "to_yaml", "save_config", "summary", "config_keys",
+    "POLICY_LOSSES", "AGG_MODES", "KL_ESTIMATORS", "ADVANTAGES", "GROUP_ADVANTAGES", "CRITICS", "DTYPES",
+    "REMAT", "SOURCES", "TASKS", "SCHEDULES", "CONSISTENCY",
+]
 
+# Allowed names. They mirror the loss/advantage libraries but are kept here so that reading a config needs
+# neither JAX nor the model code.
 POLICY_LOSSES = ("ppo_clip", "gspo", "gspo_token", "cispo", "pg")
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3+")
-ADVANTAGES = ("grpo", "drgrpo", "rloo", "reinforce_pp_baseline", "passk", "gae")
+GROUP_ADVANTAGES = ("grpo", "drgrpo", "rloo", "reinforce_pp_baseline", "passk")  # baselines from the n samples
+ADVANTAGES = GROUP_ADVANTAGES + ("reinforce_pp", "gae")
+CRITICS = ("shared", "separate")  # a value head on the policy trunk, or a separate value model
 DTYPES = ("float32", "bfloat16")
+REMAT = ("none", "full", "dots")
+SOURCES = ("task", "jsonl", "parquet")
+TASKS = ("arith",)
+SCHEDULES = ("constant", "cosine", "linear")
+CONSISTENCY = ("default", "exact")
+_CLIPPED_LOSSES = ("ppo_clip", "gspo", "gspo_token", "cispo")
 
 
 class ConfigError(ValueError):
-    """A configuration problem; the message names the dotted key."""
+    """A configuration problem; the message starts with or names the dotted key."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# schema
 
 
 @dataclass
 class ModelSection:
-    path: str = MISSING  # Hugging Face checkpoint directory (config.json, safetensors, tokenizer files)
-    dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"
-    remat: str = "none"  # none | full | dots
+    """The policy: a local Hugging Face checkpoint directory (config.json, safetensors, tokenizer files)."""
+
+    path: str = MISSING  # required
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    param_dtype: str = "float32"  # storage dtype of the trained parameters
+    remat: str = "none"  # activation rematerialisation per layer: none | full | dots
 
 
 @dataclass
 class DataSection:
-    source: str = "task"  # task | jsonl | parquet
-    path: str | None = None  # file for jsonl/parquet
-    task: str = "arith"  # generated task name (source=task)
-    task_kwargs: dict[str, Any] = field(default_factory=dict)
-    prompt_key: str = "prompt"
-    answer_key: str = "answer"
-    chat_template: bool = False
-    max_prompt_tokens: int = 64  # prompts are left-padded to this length; longer prompts are an error
-    shuffle: bool = True
-    seed: int = 0
+    """Where prompts come from. Rows carry ``prompt`` and ``answer``; other columns reach the reward functions."""
+
+    source: str = "task"  # task (generated problems) | jsonl | parquet
+    path: str | None = None  # the file for source=jsonl/parquet
+    task: str = "arith"  # generated task name for source=task
+    task_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {num_problems: 20000, difficulties: [1, 2]}
+    prompt_key: str = "prompt"  # column holding the prompt text
+    answer_key: str = "answer"  # column holding the reference answer
+    chat_template: bool = False  # wrap prompts in the tokenizer's chat template (user turn + generation prompt)
+    max_prompt_tokens: int = 64  # prompts are left-padded to this length; a longer prompt is an error
+    shuffle: bool = True  # seeded shuffle, reshuffled every epoch
+    seed: int = 0  # shuffle seed (and generated-task seed)
 
 
 @dataclass
 class RolloutSection:
+    """Sampling of completions."""
+
     n: int = 8  # samples per prompt (the group size)
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # generation budget; also DAPO's L_max for the overlong penalty
     temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    consistency: str = "default"  # default | exact
-    sampler_dtype: str | None = None  # e.g. bfloat16 to sample in lower precision than the trainer
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # 1 disables
+    min_p: float = 0.0  # 0 disables
+    consistency: str = "default"  # default | exact (sampler log-probs bitwise equal to the trainer's)
+    sampler_dtype: str | None = None  # e.g. bfloat16 to sample in lower precision than model.dtype
 
 
 @dataclass
 class AlgorithmSection:
-    name: str = "grpo"  # label of the preset
-    policy_loss: str = "ppo_clip"
-    loss_agg: str = "seq-mean-token-mean"
-    agg_constant: float | None = None  # seq-mean-token-sum-norm normaliser (default: max_new_tokens)
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = None
-    advantage: str = "grpo"
+    """Loss, advantage estimator and their knobs (a preset file sets a consistent group of these)."""
+
+    name: str = "grpo"  # label of the preset (shown in logs)
+    policy_loss: str = "ppo_clip"  # ppo_clip | gspo | gspo_token | cispo | pg
+    loss_agg: str = "seq-mean-token-mean"  # see AGG_MODES
+    agg_constant: float | None = None  # normaliser of seq-mean-token-sum-norm (None: rollout.max_new_tokens)
+    clip_low: float = 0.2  # ratio clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2  # > clip_low is DAPO's clip-higher
+    dual_clip: float | None = None  # ppo_clip only: bound c > 1 on the loss of negative-advantage tokens
+    advantage: str = "grpo"  # see ADVANTAGES; drgrpo is grpo without division by the group std
     passk_k: int = 4  # k for advantage=passk
-    kl_coef: float = 0.0  # > 0 builds a frozen reference model
-    kl_estimator: str = "k3"
+    kl_coef: float = 0.0  # > 0 keeps a frozen reference model and penalises KL to it
+    kl_estimator: str = "k3"  # k1 | k2 | k3 | k3+
     kl_in_reward: bool = False  # subtract kl_coef * KL from the reward instead of adding it to the loss
-    entropy_coef: float = 0.0
-    ppo_epochs: int = 1
-    minibatches: int = 1  # optimizer updates per epoch
-    dynamic_sampling: bool = False  # DAPO: keep only groups whose rewards differ
-    max_sampling_tries: int = 4
-    overlong_penalty: bool = False  # DAPO soft overlong punishment (in tokens)
-    overlong_cache: int = 16  # tokens before max_new_tokens where the penalty starts
-    gamma: float = 1.0
-    lam: float = 1.0
-    value_coef: float = 0.5
-    value_clip: float = 0.2
+    entropy_coef: float = 0.0  # entropy bonus weight
+    ppo_epochs: int = 1  # passes over each step's rollouts
+    minibatches: int = 1  # optimizer updates per epoch (the step's responses are split into this many)
+    dynamic_sampling: bool = False  # DAPO: keep only groups whose rewards differ, resampling to fill the batch
+    max_sampling_tries: int = 4  # rollout rounds per step at most, with dynamic sampling
+    overlong_penalty: bool = False  # DAPO soft overlong punishment (tokens), L_max = rollout.max_new_tokens
+    overlong_cache: int = 16  # L_cache: tokens before L_max where the penalty starts
+    gamma: float = 1.0  # discount (gae, reinforce_pp)
+    lam: float = 1.0  # GAE lambda
+    critic: str | None = None  # gae only: shared (value head on the policy) | separate (own value model)
+    value_coef: float = 0.5  # value-loss weight (with a critic)
+    value_clip: float | None = 0.2  # value clipping around the old values (None: unclipped)
 
 
 @dataclass
 class TrainSection:
-    steps: int = 20
-    prompts_per_step: int = 8
-    micro_batch_size: int = 16  # rows (responses) per gradient-accumulation micro-batch
-    seed: int = 0
+    """Optimisation. Batch sizes count responses (prompts x samples) unless the name says prompts."""
+
+    steps: int = 20  # RL steps (one rollout round + ppo_epochs x minibatches updates each)
+    prompts_per_step: int = 8  # prompts sampled per step; a step has prompts_per_step * rollout.n responses
+    micro_batch_size: int = 16  # responses per gradient-accumulation micro-batch
+    seed: int = 0  # PRNG seed of sampling and minibatch order
     lr: float = 1e-5
-    warmup_steps: int = 0
-    schedule: str = "constant"
+    warmup_steps: int = 0  # linear warm-up, in optimizer updates
+    schedule: str = "constant"  # constant | cosine | linear (decay to 0 at the last update)
     weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    grad_clip: float = 1.0
-    logprob_chunk: int = 512
+    b1: float = 0.9  # Adam beta1
+    b2: float = 0.999  # Adam beta2
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    logprob_chunk: int = 512  # vocabulary chunk of the log-prob/entropy kernel
 
 
 @dataclass
 class MeshSection:
+    """Device mesh axis sizes; one of them may be -1 (all remaining devices)."""
+
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
@@ -117,23 +161,27 @@ class MeshSection:
 
 @dataclass
 class CheckpointSection:
+    """Orbax checkpoints under ``<log.run_dir>/checkpoints``."""
+
     every: int = 0  # steps between checkpoints (0: only at the end)
-    keep: int = 3
-    async_save: bool = True
-    resume: bool = True
-    export_hf: bool = True  # write the final policy as a Hugging Face checkpoint
+    keep: int = 3  # most recent checkpoints kept
+    async_save: bool = True  # write in the background
+    resume: bool = True  # continue from the latest checkpoint in the run directory
+    export_hf: bool = True  # write the final policy as a Hugging Face checkpoint (<log.run_dir>/hf)
 
 
 @dataclass
 class LogSection:
-    run_dir: str = "runs/default"
+    run_dir: str = "runs/default"  # run directory: config.yaml, metrics.jsonl, TensorBoard events, checkpoints
     jsonl: bool = True
     tensorboard: bool = True
-    progress: bool = True
+    progress: bool = True  # progress bar on the terminal
 
 
 @dataclass
 class RewardSpec:
+    """One reward term: a registered reward name (or ``package.module:function``), its weight and arguments."""
+
     name: str = MISSING
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -142,7 +190,7 @@ class RewardSpec:
 @dataclass
 class RewardSection:
     fns: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="task")])
-    timeout: float = 10.0
+    timeout: float = 10.0  # seconds per reward function call; a timed-out call scores 0 and is counted
 
 
 @dataclass
@@ -158,68 +206,162 @@ class TrainConfig:
     reward: RewardSection = field(default_factory=RewardSection)
 
 
-def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> list[dict]:
-    path = os.path.abspath(path)
-    if path in seen:
-        raise ConfigError(f"config inheritance cycle through {path}")
-    if not os.path.exists(path):
-        raise ConfigError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping at the top level")
-    base = data.pop("base", None)
-    layers: list[dict] = []
-    if base:
-        layers += _read_yaml(os.path.join(os.path.dirname(path), base), seen + (path,))
-    return layers + [data]
+# ---------------------------------------------------------------------------------------------------------------
+# key names and suggestions
 
 
-def _all_keys(obj, prefix="") -> list[str]:
+def _field_type(cls, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def config_keys(cls=TrainConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (list items as ``reward.fns[].name``)."""
     out = []
-    for f in dataclasses.fields(obj):
+    for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         out.append(key)
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            out += _all_keys(value, key + ".")
+        tp = _field_type(cls, f.name)
+        if dataclasses.is_dataclass(tp):
+            out += config_keys(tp, key + ".")
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            out += config_keys(typing.get_args(tp)[0], key + "[].")
     return out
 
 
-def _explain(err: OmegaConfBaseException, where: str) -> ConfigError:
-    key = getattr(err, "full_key", None) or ""
-    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
-        close = difflib.get_close_matches(key, _all_keys(TrainConfig()), n=3, cutoff=0.6)
+def _section_class(path: list[str]):
+    """The dataclass addressed by a key path (list indices are skipped), or None when it is not a dataclass."""
+    cls = TrainConfig
+    for part in path:
+        if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
+            return None
+        tp = _field_type(cls, part)
+        if typing.get_origin(tp) is list:
+            tp = typing.get_args(tp)[0]
+        cls = tp
+    return cls if dataclasses.is_dataclass(cls) else None
+
+
+def _split_key(key: str) -> list[str]:
+    return [p for p in re.split(r"[.\[\]]", key) if p and not p.isdigit()]
+
+
+def _suggest(key: str) -> list[str]:
+    """Close matches for an unknown dotted key: siblings of the last part first, then any key in the schema."""
+    parts = _split_key(key)
+    if not parts:
+        return []
+    prefix = key[: len(key) - len(parts[-1])] if key.endswith(parts[-1]) else ""
+    cls = _section_class(parts[:-1])
+    if cls is not None:
+        names = [f.name for f in dataclasses.fields(cls)]
+        close = difflib.get_close_matches(parts[-1], names, n=3, cutoff=0.6)
+        if close:
+            return [prefix + c for c in close]
+    every = [k.replace("[]", "") for k in config_keys()]
+    by_leaf = [k for k in every if k.rsplit(".", 1)[-1] == parts[-1]]
+    return by_leaf[:3] or difflib.get_close_matches(key, every, n=3, cutoff=0.6)
+
+
+def _explain(err: OmegaConfBaseException, where: str, key: str | None = None) -> ConfigError:
+    """A :class:`ConfigError` naming the full dotted key of an OmegaConf error."""
+    inner = str(getattr(err, "full_key", "") or getattr(err, "key", "") or "")
+    if key and inner and not inner.startswith(key):
+        full = f"{key}.{inner}" if not inner.startswith("[") else key + inner
+    else:
+        full = inner or key or "?"
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and "not in" in str(err):
+        close = _suggest(full)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        return ConfigError(f"unknown config key {key!r} in {where}{hint}")
+        return ConfigError(f"unknown config key {full!r} in {where}{hint}")
+    msg = str(getattr(err, "msg", err)).splitlines()[0]
     if isinstance(err, ValidationError):
-        return ConfigError(f"invalid value for {key!r} in {where}: {str(err.msg).splitlines()[0]}")
-    return ConfigError(f"config error at {key!r} in {where}: {err}")
+        return ConfigError(f"invalid value for {full!r} in {where}: {msg}")
+    return ConfigError(f"config error at {full!r} in {where}: {msg}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _as_list(value, key: str, path: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise ConfigError(f"{key!r} in {path} must be a file name or a list of file names, got {value!r}")
+
+
+def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """``[(file, mapping), ...]`` in merge order: inherited files (depth first) before the file itself."""
+    path = os.path.abspath(path)
+    if path in seen:
+        chain = " -> ".join(os.path.basename(p) for p in seen + (path,))
+        raise ConfigError(f"config inheritance cycle: {chain}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level, got {type(data).__name__}")
+    parents = _as_list(data.pop("base", None), "base", path) + _as_list(data.pop("defaults", None), "defaults", path)
+    layers: list[tuple[str, dict]] = []
+    for parent in parents:
+        layers += _read_yaml(os.path.join(os.path.dirname(path), parent), seen + (path,))
+    return layers + [(path, data)]
+
+
+def _parse_override(text: str):
+    if "=" not in text:
+        raise ConfigError(f"overrides must look like section.key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or key.startswith(("+", "~", "-")):
+        raise ConfigError(f"overrides must look like section.key=value, got {text!r}")
+    try:  # OmegaConf's YAML reading of the value (it knows 1e-3 is a float)
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot parse the value of override {text!r}: {err}") from None
+    return key, value
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Build a :class:`TrainConfig` from defaults, an optional YAML file and ``key=value`` overrides."""
+    """Build a :class:`TrainConfig` from the defaults, an optional YAML file and ``key=value`` overrides,
+    then :func:`validate` it. Raises :class:`ConfigError` naming the offending key."""
     cfg = OmegaConf.structured(TrainConfig)
     if path is not None:
-        for layer in _read_yaml(path):
+        for file, layer in _read_yaml(path):
             try:
                 cfg = OmegaConf.merge(cfg, layer)
             except OmegaConfBaseException as err:
-                raise _explain(err, path) from None
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"overrides must look like section.key=value, got {bad}")
-    if overrides:
+                raise _explain(err, file) from None
+    for text in overrides:
+        key, value = _parse_override(text)
+        if re.split(r"[.\[]", key)[0] not in {f.name for f in dataclasses.fields(TrainConfig)}:
+            close = _suggest(key)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown config key {key!r} in the command-line overrides{hint}")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException as err:
-            raise _explain(err, "the command-line overrides") from None
+            raise _explain(err, "the command-line overrides", key) from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
-    obj = OmegaConf.to_object(cfg)
-    validate(obj)
-    return obj
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise _explain(err, "the merged config") from None
+    return validate(obj)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation
 
 
 def _require(cond: bool, key: str, message: str) -> None:
@@ -228,88 +370,214 @@ def _require(cond: bool, key: str, message: str) -> None:
 
 
 def _choice(value, key: str, allowed) -> None:
-    _require(value in allowed, key, f"got {value!r}; allowed: {', '.join(map(str, allowed))}")
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}: got {value!r}; allowed: {', '.join(map(str, allowed))}{hint}")
 
 
-def validate(cfg: TrainConfig, *, device_count: int | None = None) -> TrainConfig:
-    """Cross-field checks; raises :class:`ConfigError` naming the key."""
-    a, r, t, d = cfg.algorithm, cfg.rollout, cfg.train, cfg.data
-    _choice(cfg.model.dtype, "model.dtype", DTYPES)
-    _choice(cfg.model.param_dtype, "model.param_dtype", DTYPES)
-    _choice(cfg.model.remat, "model.remat", ("none", "full", "dots"))
-    _choice(d.source, "data.source", ("task", "jsonl", "parquet"))
-    _require(d.source == "task" or bool(d.path), "data.path", f"needed for data.source={d.source}")
-    _require(d.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
-    _require(r.n >= 1, "rollout.n", "must be >= 1")
-    _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
-    _require(r.temperature > 0, "rollout.temperature", "must be > 0")
-    _require(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-    _require(0 <= r.min_p < 1, "rollout.min_p", "must be in [0, 1)")
-    _require(r.top_k >= 0, "rollout.top_k", "must be >= 0")
-    _choice(r.consistency, "rollout.consistency", ("default", "exact"))
+def _check_model_data(cfg: TrainConfig) -> None:
+    m, d = cfg.model, cfg.data
+    _require(bool(m.path), "model.path", "must name a Hugging Face checkpoint directory")
+    _choice(m.dtype, "model.dtype", DTYPES)
+    _choice(m.param_dtype, "model.param_dtype", DTYPES)
+    _choice(m.remat, "model.remat", REMAT)
+    _choice(d.source, "data.source", SOURCES)
+    if d.source == "task":
+        _choice(d.task, "data.task", TASKS)
+    else:
+        _require(bool(d.path), "data.path", f"needed for data.source={d.source}")
+        suffix = {"jsonl": (".jsonl", ".json", ".jsonl.gz"), "parquet": (".parquet", ".pq")}[d.source]
+        other = {"jsonl": (".parquet", ".pq"), "parquet": (".jsonl", ".json")}[d.source]
+        _require(not d.path.lower().endswith(other), "data.path",
+                 f"{d.path!r} looks like a {'parquet' if d.source == 'jsonl' else 'jsonl'} file but "
+                 f"data.source={d.source} (expected {', '.join(suffix)})")
+    _require(bool(d.prompt_key), "data.prompt_key", "must be a column name")
+    _require(bool(d.answer_key), "data.answer_key", "must be a column name")
+    _require(d.max_prompt_tokens >= 1, "data.max_prompt_tokens", f"must be >= 1, got {d.max_prompt_tokens}")
+    _require(0 <= d.seed < 2 ** 32, "data.seed", f"must be in [0, 2**32), got {d.seed}")
+
+
+def _check_rollout(cfg: TrainConfig) -> None:
+    r = cfg.rollout
+    _require(r.n >= 1, "rollout.n", f"must be >= 1, got {r.n}")
+    _require(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
+    _require(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
+    _require(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    _require(0 <= r.min_p < 1, "rollout.min_p", f"must be in [0, 1), got {r.min_p}")
+    _require(r.top_k >= 0, "rollout.top_k", f"must be >= 0 (0 disables), got {r.top_k}")
+    _choice(r.consistency, "rollout.consistency", CONSISTENCY)
     if r.sampler_dtype is not None:
         _choice(r.sampler_dtype, "rollout.sampler_dtype", DTYPES)
         _require(r.consistency == "default" or r.sampler_dtype == cfg.model.dtype, "rollout.sampler_dtype",
-                 "a sampler precision different from the model's needs rollout.consistency=default")
+                 f"{r.sampler_dtype} differs from model.dtype={cfg.model.dtype}, which needs "
+                 "rollout.consistency=default (exact consistency samples with the trainer's numerics)")
+
+
+def _check_algorithm(cfg: TrainConfig) -> None:
+    a, r = cfg.algorithm, cfg.rollout
     _choice(a.policy_loss, "algorithm.policy_loss", POLICY_LOSSES)
     _choice(a.loss_agg, "algorithm.loss_agg", AGG_MODES)
     _choice(a.advantage, "algorithm.advantage", ADVANTAGES)
     _choice(a.kl_estimator, "algorithm.kl_estimator", KL_ESTIMATORS)
-    _require(0 <= a.clip_low <= 1, "algorithm.clip_low", f"must be in [0, 1], got {a.clip_low}")
-    _require(a.clip_high >= 0, "algorithm.clip_high", f"must be >= 0, got {a.clip_high}")
-    _require(a.dual_clip is None or a.dual_clip > 1, "algorithm.dual_clip", f"must be > 1 or null, got {a.dual_clip}")
-    _require(a.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0")
-    _require(a.entropy_coef >= 0, "algorithm.entropy_coef", "must be >= 0")
-    _require(a.ppo_epochs >= 1, "algorithm.ppo_epochs", "must be >= 1")
-    _require(a.minibatches >= 1, "algorithm.minibatches", "must be >= 1")
-    _require(a.max_sampling_tries >= 1, "algorithm.max_sampling_tries", "must be >= 1")
-    _require(0 < a.overlong_cache <= r.max_new_tokens or not a.overlong_penalty, "algorithm.overlong_cache",
-             f"must be in (0, rollout.max_new_tokens={r.max_new_tokens}]")
-    _require(1 <= a.passk_k <= r.n or a.advantage != "passk", "algorithm.passk_k",
-             f"must be in [1, rollout.n={r.n}]")
-    _require(a.advantage != "rloo" or r.n >= 2, "rollout.n", "advantage=rloo needs at least 2 samples per prompt")
-    _require(a.advantage != "gae", "algorithm.advantage",
-             "gae needs a critic, which this trainer does not build yet; use grpo, drgrpo, rloo, "
-             "reinforce_pp_baseline or passk")
-    _require(t.steps >= 1, "train.steps", "must be >= 1")
-    _require(t.prompts_per_step >= 1, "train.prompts_per_step", "must be >= 1")
+    if a.policy_loss in _CLIPPED_LOSSES:
+        # CISPO clips an importance weight, not a surrogate: clip_low = 1 (no lower bound) is its usual setting
+        low_max_ok = a.clip_low <= 1 if a.policy_loss == "cispo" else a.clip_low < 1
+        _require(a.clip_low >= 0 and low_max_ok, "algorithm.clip_low",
+                 f"must be in [0, 1{']' if a.policy_loss == 'cispo' else ')'} for {a.policy_loss}, got {a.clip_low}")
+        _require(a.clip_high >= 0, "algorithm.clip_high", f"must be >= 0, got {a.clip_high}")
+    if a.dual_clip is not None:
+        _require(a.dual_clip > 1, "algorithm.dual_clip", f"must be > 1 or null, got {a.dual_clip}")
+        _require(a.policy_loss == "ppo_clip", "algorithm.dual_clip",
+                 f"only applies to policy_loss=ppo_clip, not {a.policy_loss}; set it to null")
+    _require(a.agg_constant is None or a.agg_constant > 0, "algorithm.agg_constant",
+             f"must be > 0 or null, got {a.agg_constant}")
+    _require(math.isfinite(a.kl_coef) and a.kl_coef >= 0, "algorithm.kl_coef", f"must be >= 0, got {a.kl_coef}")
+    _require(not a.kl_in_reward or a.kl_coef > 0, "algorithm.kl_in_reward",
+             "needs algorithm.kl_coef > 0 (with kl_coef = 0 there is no KL term to move into the reward)")
+    _require(a.entropy_coef >= 0, "algorithm.entropy_coef", f"must be >= 0, got {a.entropy_coef}")
+    _require(a.ppo_epochs >= 1, "algorithm.ppo_epochs", f"must be >= 1, got {a.ppo_epochs}")
+    _require(a.minibatches >= 1, "algorithm.minibatches", f"must be >= 1, got {a.minibatches}")
+    _require(a.max_sampling_tries >= 1, "algorithm.max_sampling_tries", f"must be >= 1, got {a.max_sampling_tries}")
+    if a.overlong_penalty:
+        _require(0 < a.overlong_cache <= r.max_new_tokens, "algorithm.overlong_cache",
+                 f"must be in (0, rollout.max_new_tokens={r.max_new_tokens}], got {a.overlong_cache}")
+    _require(0 <= a.gamma <= 1, "algorithm.gamma", f"must be in [0, 1], got {a.gamma}")
+    _require(0 <= a.lam <= 1, "algorithm.lam", f"must be in [0, 1], got {a.lam}")
+    _require(a.value_coef >= 0, "algorithm.value_coef", f"must be >= 0, got {a.value_coef}")
+    _require(a.value_clip is None or a.value_clip > 0, "algorithm.value_clip",
+             f"must be > 0 or null, got {a.value_clip}")
+    if a.critic is not None:
+        _choice(a.critic, "algorithm.critic", CRITICS)
+    if a.advantage == "gae":
+        _require(a.critic is not None, "algorithm.critic",
+                 f"advantage=gae needs a value model: set algorithm.critic to one of {', '.join(CRITICS)}")
+    else:
+        _require(a.critic is None, "algorithm.critic",
+                 f"only used by advantage=gae (advantage={a.advantage} needs no value model); set it to null")
+    if a.advantage in GROUP_ADVANTAGES:
+        # a group of one has no baseline: every advantage would be 0 and nothing would be learned
+        _require(r.n >= 2, "rollout.n", f"advantage={a.advantage} compares samples of a prompt: needs n >= 2")
+    if a.advantage == "passk":
+        _require(1 <= a.passk_k <= r.n, "algorithm.passk_k", f"must be in [1, rollout.n={r.n}], got {a.passk_k}")
+    if a.dynamic_sampling:
+        _require(r.n >= 2, "rollout.n", "algorithm.dynamic_sampling keeps groups whose rewards differ: needs n >= 2")
+
+
+def _data_parallel_size(sizes: dict[str, int], device_count: int) -> int:
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    filled = {k: (device_count // fixed if v == -1 else v) for k, v in sizes.items()}
+    return filled["data"] * filled["fsdp"]
+
+
+def _check_train(cfg: TrainConfig, device_count: int | None) -> None:
+    a, r, t = cfg.algorithm, cfg.rollout, cfg.train
+    _require(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    _require(t.prompts_per_step >= 1, "train.prompts_per_step", f"must be >= 1, got {t.prompts_per_step}")
     rows = t.prompts_per_step * r.n
     _require(rows % a.minibatches == 0, "algorithm.minibatches",
-             f"{rows} responses per step (train.prompts_per_step x rollout.n) do not split into {a.minibatches} "
-             "minibatches")
+             f"{rows} responses per step (train.prompts_per_step={t.prompts_per_step} x rollout.n={r.n}) do not "
+             f"split into {a.minibatches} equal minibatches")
     mb = rows // a.minibatches
     _require(t.micro_batch_size >= 1 and mb % t.micro_batch_size == 0, "train.micro_batch_size",
              f"a minibatch of {mb} responses does not split into micro-batches of {t.micro_batch_size}")
-    _require(t.lr > 0, "train.lr", "must be > 0")
-    _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    _choice(t.schedule, "train.schedule", ("constant", "cosine", "linear"))
-    _require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
-    _require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
-    _require(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+    _require(t.lr > 0 and math.isfinite(t.lr), "train.lr", f"must be > 0, got {t.lr}")
+    updates = t.steps * a.ppo_epochs * a.minibatches
+    _require(0 <= t.warmup_steps <= updates, "train.warmup_steps",
+             f"must be in [0, {updates}] (the run makes train.steps x algorithm.ppo_epochs x algorithm.minibatches "
+             f"= {updates} optimizer updates), got {t.warmup_steps}")
+    _choice(t.schedule, "train.schedule", SCHEDULES)
+    _require(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _require(0 <= t.b1 < 1, "train.b1", f"must be in [0, 1), got {t.b1}")
+    _require(0 <= t.b2 < 1, "train.b2", f"must be in [0, 1), got {t.b2}")
+    _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables clipping), got {t.grad_clip}")
+    _require(t.logprob_chunk >= 1, "train.logprob_chunk", f"must be >= 1, got {t.logprob_chunk}")
+
     sizes = dataclasses.asdict(cfg.mesh)
-    _require(sum(v == -1 for v in sizes.values()) <= 1, "mesh", "at most one axis may be -1")
-    _require(all(v == -1 or v >= 1 for v in sizes.values()), "mesh", f"axis sizes must be >= 1 or -1, got {sizes}")
+    for axis, size in sizes.items():
+        _require(size == -1 or size >= 1, f"mesh.{axis}", f"must be >= 1 or -1 (fill), got {size}")
+    filled = [axis for axis, size in sizes.items() if size == -1]
+    _require(len(filled) <= 1, f"mesh.{filled[-1] if filled else ''}",
+             f"at most one mesh axis may be -1, got {', '.join(filled)}")
     if device_count is not None:
-        fixed = 1
-        for v in sizes.values():
-            fixed *= v if v != -1 else 1
-        ok = device_count % fixed == 0 if -1 in sizes.values() else fixed == device_count
+        fixed = math.prod(v for v in sizes.values() if v != -1)
+        ok = device_count % fixed == 0 if filled else fixed == device_count
         _require(ok, "mesh", f"{sizes} does not match the {device_count} available devices")
-        dp = sizes["data"] if sizes["data"] != -1 else device_count // fixed
-        dp *= sizes["fsdp"] if sizes["fsdp"] != -1 else device_count // fixed
+        dp = _data_parallel_size(sizes, device_count)
         _require(t.micro_batch_size % dp == 0, "train.micro_batch_size",
                  f"{t.micro_batch_size} is not divisible by the data-parallel size {dp} (mesh.data x mesh.fsdp)")
-    names = [spec.name for spec in cfg.reward.fns]
-    _require(len(names) >= 1, "reward.fns", "at least one reward function is needed")
-    _require(cfg.reward.timeout > 0, "reward.timeout", "must be > 0")
+
+
+def _check_rest(cfg: TrainConfig) -> None:
+    c = cfg.checkpoint
+    _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}")
+    _require(c.every >= 0, "checkpoint.every", f"must be >= 0 (0: only at the end), got {c.every}")
+    _require(bool(cfg.log.run_dir), "log.run_dir", "must name a directory")
+    fns = cfg.reward.fns
+    _require(len(fns) >= 1, "reward.fns", "at least one reward function is needed")
+    _require(cfg.reward.timeout > 0, "reward.timeout", f"must be > 0 seconds, got {cfg.reward.timeout}")
+    from jaxrl_llm.rewards import REWARDS  # light: numpy only
+
+    for i, spec in enumerate(fns):
+        key = f"reward.fns[{i}]"
+        _require(bool(spec.name), f"{key}.name", "must name a reward")
+        if ":" not in spec.name:  # module:function rewards are imported when the trainer builds them
+            _choice(spec.name, f"{key}.name", sorted(REWARDS))
+        _require(math.isfinite(spec.weight), f"{key}.weight", f"must be finite, got {spec.weight}")
+    names = [spec.name for spec in fns]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    _require(not dup, "reward.fns", f"each reward may appear once (metrics are per name), repeated: {dup}")
+
+
+def validate(cfg: TrainConfig, *, device_count: int | None = None) -> TrainConfig:
+    """Cross-field checks; raises :class:`ConfigError` naming the key. ``device_count`` (when known) also checks
+    the mesh against the devices and the micro-batch against the data-parallel size. Returns ``cfg``."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"validate expects a TrainConfig, got {type(cfg).__name__}")
+    _check_model_data(cfg)
+    _check_rollout(cfg)
+    _check_algorithm(cfg)
+    _check_train(cfg, device_count)
+    _check_rest(cfg)
     return cfg
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# output
+
+
 def to_yaml(cfg: TrainConfig) -> str:
+    """The full config as YAML; :func:`load_config` on it gives an equal config."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def save_config(cfg: TrainConfig, path: str) -> None:
+    """Write :func:`to_yaml` to ``path`` (parent directories are created)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write(to_yaml(cfg))
+
+
+def summary(cfg: TrainConfig) -> str:
+    """A few human-readable lines describing the run (for logs and the start of a run)."""
+    a, r, t = cfg.algorithm, cfg.rollout, cfg.train
+    rows = t.prompts_per_step * r.n
+    clip = f"clip [{1 - a.clip_low:g}, {1 + a.clip_high:g}]" if a.policy_loss in _CLIPPED_LOSSES else "no clip"
+    if a.dual_clip is not None:
+        clip += f", dual {a.dual_clip:g}"
+    kl = (f"KL {a.kl_estimator} x {a.kl_coef:g} {'in reward' if a.kl_in_reward else 'in loss'}"
+          if a.kl_coef > 0 else "no KL")
+    extras = [x for x, on in (("dynamic sampling", a.dynamic_sampling),
+                              (f"overlong penalty (cache {a.overlong_cache})", a.overlong_penalty)) if on]
+    data = (f"task {cfg.data.task}" if cfg.data.source == "task" else f"{cfg.data.source} {cfg.data.path}")
+    rewards = " + ".join(f"{s.weight:g}*{s.name}" for s in cfg.reward.fns)
+    lines = [
+        f"{a.name}: {a.policy_loss} ({clip}), {a.loss_agg}, advantage {a.advantage}, {kl}"
+        + (f", {', '.join(extras)}" if extras else ""),
+        f"model {cfg.model.path} ({cfg.model.dtype}); data {data}; reward {rewards}",
+        f"{t.steps} steps x {t.prompts_per_step} prompts x {r.n} samples = {rows} responses/step, "
+        f"{a.ppo_epochs} epoch(s) x {a.minibatches} minibatch(es) of {rows // a.minibatches}, "
+        f"micro-batch {t.micro_batch_size}, lr {t.lr:g} ({t.schedule}, warm-up {t.warmup_steps})",
+        f"run dir {cfg.log.run_dir}",
+    ]
+    return "\n".join(lines)
