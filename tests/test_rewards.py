@@ -41,7 +41,8 @@ def test_errors_and_timeouts_score_zero_and_are_counted():
     rewards, per_fn, stats = compute_rewards([("ok", ok, 0.5), ("boom", boom, 1.0), ("slow", slow, 1.0)],
                                              ["p", "q"], ["a", "b"], {"answer": ["1", "2"]}, timeout=0.3)
     np.testing.assert_allclose(rewards, [0.5, 0.5])
-    assert stats == {"reward_errors": 1.0, "reward_timeouts": 1.0}
+    assert stats == {"reward_errors": 1.0, "reward_timeouts": 1.0, "reward_item_errors": 0.0,
+                     "reward_item_timeouts": 0.0}
     assert set(per_fn) == {"ok", "boom", "slow"}
 
 
