@@ -46,7 +46,7 @@ ADVANTAGES = GROUP_ADVANTAGES + ("reinforce_pp", "gae")
 CRITICS = ("shared", "separate")  # a value head on the policy trunk, or a separate value model
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
-SOURCES = ("task", "jsonl", "parquet")
+SOURCES = ("task", "gym", "jsonl", "parquet")
 TASKS = ("arith",)
 SCHEDULES = ("constant", "cosine", "linear")
 CONSISTENCY = ("default", "exact")
@@ -75,9 +75,9 @@ class ModelSection:
 class DataSection:
     """Where prompts come from. Rows carry ``prompt`` and ``answer``; other columns reach the reward functions."""
 
-    source: str = "task"  # task (generated problems) | jsonl | parquet
+    source: str = "task"  # task (generated problems) | gym (reasoning-gym) | jsonl | parquet
     path: str | None = None  # the file for source=jsonl/parquet
-    task: str = "arith"  # generated task name for source=task
+    task: str = "arith"  # generated task name for source=task; the reasoning-gym dataset for source=gym
     task_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {num_problems: 20000, difficulties: [1, 2]}
     prompt_key: str = "prompt"  # column holding the prompt text
     answer_key: str = "answer"  # column holding the reference answer
@@ -385,6 +385,8 @@ def _check_model_data(cfg: TrainConfig) -> None:
     _choice(d.source, "data.source", SOURCES)
     if d.source == "task":
         _choice(d.task, "data.task", TASKS)
+    elif d.source == "gym":
+        _require(bool(d.task), "data.task", "must name a reasoning-gym dataset for data.source=gym")
     else:
         _require(bool(d.path), "data.path", f"needed for data.source={d.source}")
         suffix = {"jsonl": (".jsonl", ".json", ".jsonl.gz"), "parquet": (".parquet", ".pq")}[d.source]

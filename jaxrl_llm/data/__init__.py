@@ -118,6 +118,11 @@ def load_rows(data_cfg) -> list[dict]:
         return read_jsonl(data_cfg.path, prompt_key=data_cfg.prompt_key, answer_key=data_cfg.answer_key)
     if data_cfg.source == "parquet":
         return read_parquet(data_cfg.path, prompt_key=data_cfg.prompt_key, answer_key=data_cfg.answer_key)
+    if data_cfg.source == "gym":
+        from jaxrl_llm.tasks.gym import gym_rows
+
+        kwargs = dict(data_cfg.task_kwargs)
+        return gym_rows(data_cfg.task, seed=data_cfg.seed, size=int(kwargs.pop("size", 1000)), **kwargs)
     if data_cfg.task != "arith":
         raise ValueError(f"data.task: unknown task {data_cfg.task!r}; available: arith")
     from jaxrl_llm.tasks import ArithTask

@@ -3,6 +3,7 @@
 ``exact_int``   1.0 when the integer after a final-answer marker equals the reference answer.
 ``task``        ``exact_int`` with the arithmetic task's marker ``#`` (the first marker counts, as in its scorer).
 ``format``      1.0 when the completion matches a regex, and/or holds the required ``<tag>...</tag>`` blocks.
+``gym``         reasoning-gym's own verifier for rows of ``data.source=gym``.
 ``math_verify`` mathematical equivalence of the final answer to the reference (:class:`MathVerifier`).
 """
 from __future__ import annotations
@@ -78,6 +79,17 @@ register_reward("format")(format_reward)
 @register_reward("task")
 def _task_reward(marker: str = "#", answer_key: str = "answer"):
     return exact_int_reward(marker=marker, which="first", answer_key=answer_key)
+
+
+@register_reward("gym")
+def _gym_reward(marker: str = "#"):
+    """reasoning-gym's verifier for rows from ``data.source=gym`` (column ``gym_entry``)."""
+    from jaxrl_llm.tasks.gym import score_gym
+
+    def gym(prompts, completions, *, gym_entry, **_):
+        return [score_gym(c, e, marker) for c, e in zip(completions, gym_entry, strict=True)]
+
+    return gym
 
 
 @register_reward("math_verify")
