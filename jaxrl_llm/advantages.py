@@ -14,7 +14,7 @@ import numpy as np
 from jaxrl_llm.losses._checks import check_2d
 
 __all__ = [
-    "gae", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "passk", "broadcast_over_tokens",
+    "gae", "grpo", "rloo", "whiten", "reinforce_pp", "reinforce_pp_baseline", "passk", "broadcast_over_tokens",
     "overlong_penalty", "informative_groups",
 ]
 
@@ -88,6 +88,12 @@ def _whiten(x, mask, eps):
     mean = jnp.sum(x * m) / count
     var = jnp.sum(jnp.square(x - mean) * m) / count
     return (x - mean) * jax.lax.rsqrt(var + eps) * m
+
+
+def whiten(x: jax.Array, mask: jax.Array, *, eps: float = 1e-8) -> jax.Array:
+    """``(x - mean) / std`` over the valid tokens of the whole batch (0 elsewhere), as PPO does to GAE advantages."""
+    check_2d(x=x, mask=mask)
+    return _whiten(x.astype(jnp.float32), mask, eps)
 
 
 def reinforce_pp(token_rewards: jax.Array, mask: jax.Array, *, gamma: float = 1.0, eps: float = 1e-8) -> jax.Array:

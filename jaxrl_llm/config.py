@@ -43,7 +43,7 @@ AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-s
 KL_ESTIMATORS = ("k1", "k2", "k3", "k3+")
 GROUP_ADVANTAGES = ("grpo", "drgrpo", "rloo", "reinforce_pp_baseline", "passk")  # baselines from the n samples
 ADVANTAGES = GROUP_ADVANTAGES + ("reinforce_pp", "gae")
-CRITICS = ("shared", "separate")  # a value head on the policy trunk, or a separate value model
+CRITICS = ("separate",)  # a separate value model: a trunk initialised from the policy plus a linear value head
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
 SOURCES = ("task", "gym", "jsonl", "parquet")
@@ -126,8 +126,8 @@ class AlgorithmSection:
     overlong_cache: int = 16  # L_cache: tokens before L_max where the penalty starts
     gamma: float = 1.0  # discount (gae, reinforce_pp)
     lam: float = 1.0  # GAE lambda
-    critic: str | None = None  # gae only: shared (value head on the policy) | separate (own value model)
-    value_coef: float = 0.5  # value-loss weight (with a critic)
+    critic: str | None = None  # gae only: separate (own value model initialised from the policy + value head)
+    critic_lr: float | None = None  # the critic's learning rate (None: train.lr)
     value_clip: float | None = 0.2  # value clipping around the old values (None: unclipped)
 
 
@@ -446,7 +446,7 @@ def _check_algorithm(cfg: TrainConfig) -> None:
                  f"must be in (0, rollout.max_new_tokens={r.max_new_tokens}], got {a.overlong_cache}")
     _require(0 <= a.gamma <= 1, "algorithm.gamma", f"must be in [0, 1], got {a.gamma}")
     _require(0 <= a.lam <= 1, "algorithm.lam", f"must be in [0, 1], got {a.lam}")
-    _require(a.value_coef >= 0, "algorithm.value_coef", f"must be >= 0, got {a.value_coef}")
+    _require(a.critic_lr is None or a.critic_lr > 0, "algorithm.critic_lr", f"must be > 0 or null, got {a.critic_lr}")
     _require(a.value_clip is None or a.value_clip > 0, "algorithm.value_clip",
              f"must be > 0 or null, got {a.value_clip}")
     if a.critic is not None:

@@ -57,23 +57,40 @@ def test_every_preset_runs(preset, tiny_model_dir, tmp_path):
     if preset == "dapo":
         assert "dynamic_fill_rate" in rows[-1]
     if preset == "ppo":
-        assert "kl_ref" in rows[-1]
+        for key in ("kl_ref", "value_loss", "value_clip_frac", "explained_variance", "value_grad_norm"):
+            assert key in rows[-1], key
+        assert np.isfinite(rows[-1]["value_loss"])
 
 
-def test_exact_resume_and_export(tiny_model_dir, tmp_path):
-    straight = RLTrainer(_cfg(tiny_model_dir, tmp_path / "a"))
+def test_reinforce_pp_with_kl_in_reward_runs(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path, None, "train.steps=1", "algorithm.advantage=reinforce_pp",
+               "algorithm.kl_coef=0.01", "algorithm.kl_in_reward=true", "checkpoint.export_hf=false")
+    trainer = RLTrainer(cfg)
+    try:
+        metrics = trainer.train()
+    finally:
+        trainer.close()
+    assert np.isfinite(metrics["loss"]) and "kl_ref" in metrics
+
+
+@pytest.mark.parametrize("preset", [None, "ppo"])  # ppo: the critic and its optimizer state resume too
+def test_exact_resume_and_export(preset, tiny_model_dir, tmp_path):
+    straight = RLTrainer(_cfg(tiny_model_dir, tmp_path / "a", preset))
     straight.train()
     straight.close()
 
-    first = RLTrainer(_cfg(tiny_model_dir, tmp_path / "b", None, "checkpoint.every=1"))
+    first = RLTrainer(_cfg(tiny_model_dir, tmp_path / "b", preset, "checkpoint.every=1"))
     first.train(stop_after=2)
     first.close()
-    resumed = RLTrainer(_cfg(tiny_model_dir, tmp_path / "b", None, "checkpoint.every=1"))
+    resumed = RLTrainer(_cfg(tiny_model_dir, tmp_path / "b", preset, "checkpoint.every=1"))
     assert resumed.step == 2
     resumed.train()
     resumed.close()
     for x, y in zip(_params(straight), _params(resumed)):
         np.testing.assert_array_equal(x, y)
+    if preset == "ppo":
+        for x, y in zip(jax.tree.leaves(straight.critic["params"]), jax.tree.leaves(resumed.critic["params"])):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
     def clean(rows):
         return [{k: v for k, v in r.items() if not k.startswith("time") and k not in (

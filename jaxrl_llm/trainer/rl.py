@@ -32,6 +32,7 @@ from jaxrl_llm.sampling import Rollout, Sampler, SamplingParams, mismatch_metric
 from jaxrl_llm.sampling import sequence_logprobs
 from jaxrl_llm.tokenizer import load_tokenizer
 from jaxrl_llm.tracking import MetricsLogger, Progress
+from jaxrl_llm.trainer.critic import init_value_head, make_critic_step, token_level_rewards, token_values
 from jaxrl_llm.trainer.optim import make_optimizer
 from jaxrl_llm.trainer.step import Experience, LossConfig, make_update_step, minibatch_normalizer, split_micro
 
@@ -101,6 +102,7 @@ class RLTrainer:
         self._update = jax.jit(make_update_step(self.graphdef, self.optimizer, self.loss_cfg, logprob_fn),
                                in_shardings=(param_sh, rest_sh, opt_sh, None, None),
                                out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 2))
+        self.critic = self._build_critic() if a.advantage == "gae" else None
         self.stream = PromptStream(load_rows(cfg.data), t.prompts_per_step, seed=cfg.data.seed,
                                    shuffle=cfg.data.shuffle, process_index=jax.process_index(),
                                    process_count=jax.process_count())
@@ -112,6 +114,36 @@ class RLTrainer:
         if cfg.checkpoint.resume and self.checkpointer.latest_step() is not None:
             self._restore()
 
+    def _build_critic(self) -> dict:
+        """The separate value model of PPO: trunk from the policy checkpoint, zero value head, own optimizer."""
+        cfg, a, t = self.cfg, self.cfg.algorithm, self.cfg.train
+        trunk_model, _ = load_hf(cfg.model.path, mesh=self.mesh, dtype=_DTYPES[cfg.model.dtype],
+                                 param_dtype=_DTYPES[cfg.model.param_dtype], remat=cfg.model.remat)
+        graphdef, trunk, rest = nnx.split(trunk_model, nnx.Param, ...)
+        replicated = NamedSharding(self.mesh, P())
+        head = jax.device_put(init_value_head(self.model_cfg.hidden_size), replicated)
+        params = {"trunk": trunk, "head": head}
+        updates_total = t.steps * a.ppo_epochs * a.minibatches
+        optimizer = make_optimizer(a.critic_lr or t.lr, steps=updates_total, warmup_steps=t.warmup_steps,
+                                   schedule=t.schedule, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
+                                   grad_clip=t.grad_clip or None)
+        opt_state = jax.tree.map(
+            lambda x: x if len(x.sharding.device_set) == self.mesh.size else jax.device_put(x, replicated),
+            jax.jit(optimizer.init)(params))
+        param_sh = jax.tree.map(lambda x: x.sharding, params)
+        opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+        rest_sh = jax.tree.map(lambda x: x.sharding, rest)
+        update = jax.jit(make_critic_step(graphdef, optimizer, value_clip=a.value_clip),
+                         in_shardings=(param_sh, rest_sh, opt_sh, None), out_shardings=(param_sh, opt_sh, None),
+                         donate_argnums=(0, 2))
+
+        @jax.jit
+        def values(params, rest, prompt_ids, prompt_mask, tokens, mask):
+            model = nnx.merge(graphdef, params["trunk"], rest)
+            return token_values(model, params["head"], prompt_ids, prompt_mask, tokens, mask)
+
+        return {"params": params, "opt_state": opt_state, "rest": rest, "update": update, "values": values}
+
     # ---- state -------------------------------------------------------------------------------------------
 
     def _state(self) -> dict:
@@ -119,11 +151,15 @@ class RLTrainer:
         replicated = NamedSharding(self.mesh, P())
         return {"params": self.params, "opt_state": self.opt_state,
                 "key": jax.device_put(jax.random.key_data(self.key), replicated),
-                "step": jax.device_put(jnp.asarray(self.step, jnp.int32), replicated)}
+                "step": jax.device_put(jnp.asarray(self.step, jnp.int32), replicated),
+                **({"critic": {"params": self.critic["params"], "opt_state": self.critic["opt_state"]}}
+                   if self.critic else {})}
 
     def _restore(self) -> None:
         state, meta = self.checkpointer.restore(self._state())
         self.params, self.opt_state = state["params"], state["opt_state"]
+        if self.critic:
+            self.critic.update(state["critic"])
         self.key = jax.random.wrap_key_data(state["key"])
         self.step = int(state["step"])
         self.stream.set_state(meta["data"])
@@ -199,8 +235,10 @@ class RLTrainer:
             adv = A.rloo(groups)
         elif a.advantage == "reinforce_pp_baseline":
             adv = A.reinforce_pp_baseline(groups)
-        else:
+        elif a.advantage == "passk":
             adv = A.passk(groups, k=a.passk_k)
+        else:
+            raise ValueError(f"algorithm.advantage={a.advantage!r} is not a group baseline")
         return A.broadcast_over_tokens(adv.reshape(-1), mask)
 
     def train_step(self) -> dict[str, float]:
@@ -217,26 +255,43 @@ class RLTrainer:
         old_logp, _ = rollout_logprobs(self.sampler, self.graphdef, state, ro, temperature=temperature, chunk=chunk)
         metrics: dict[str, Any] = dict(mismatch_metrics(ro.logprobs, old_logp, ro.mask))
         ref_logp = None
+        kl_penalty = None  # per-token -kl_coef * KL_t when the KL is part of the reward
         if self.ref_params is not None:
             ref_state = nnx.merge_state(self.ref_params, self.rest)
             ref_logp, _ = score(self.graphdef, ref_state, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
                                 temperature=temperature, chunk=chunk)
-            kl_tok = L.kl(old_logp, ref_logp, a.kl_estimator)
-            seq_kl = np.asarray(jnp.sum(jnp.where(ro.mask, kl_tok, 0.0), axis=1))
-            metrics["kl_ref"] = float(jnp.sum(jnp.where(ro.mask, kl_tok, 0.0)) / jnp.maximum(ro.mask.sum(), 1))
+            kl_tok = jnp.where(ro.mask, L.kl(old_logp, ref_logp, a.kl_estimator), 0.0)
+            metrics["kl_ref"] = float(jnp.sum(kl_tok) / jnp.maximum(ro.mask.sum(), 1))
             if a.kl_in_reward:
-                rewards = rewards - a.kl_coef * seq_kl
+                kl_penalty = -a.kl_coef * kl_tok
         if a.overlong_penalty:
             rewards = rewards + np.asarray(A.overlong_penalty(np.asarray(ro.lengths), max_len=cfg.rollout.max_new_tokens,
                                                               cache_len=a.overlong_cache))
-        adv = self._advantages(rewards, ro.mask)
+        critic_batch = None
+        if a.advantage in ("gae", "reinforce_pp"):  # token-level credit: rewards on tokens, KL per token
+            token_rewards = token_level_rewards(rewards, ro.mask, kl_penalty)
+            if a.advantage == "gae":
+                c = self.critic
+                old_values = c["values"](c["params"], c["rest"], ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask)
+                adv, returns = A.gae(token_rewards, old_values, ro.mask, gamma=a.gamma, lam=a.lam)
+                adv = A.whiten(adv, ro.mask)
+                critic_batch = {"prompt_ids": ro.prompt_ids, "prompt_mask": ro.prompt_mask, "tokens": ro.tokens,
+                                "mask": ro.mask, "old_values": old_values, "returns": returns}
+                metrics["explained_variance"] = float(_explained_variance(old_values, returns, ro.mask))
+            else:
+                adv = A.reinforce_pp(token_rewards, ro.mask, gamma=a.gamma)
+            rewards = rewards + (np.asarray(jnp.sum(kl_penalty, axis=1)) if kl_penalty is not None else 0.0)
+        else:
+            if kl_penalty is not None:
+                rewards = rewards + np.asarray(jnp.sum(kl_penalty, axis=1))
+            adv = self._advantages(rewards, ro.mask)
         jax.block_until_ready(old_logp)
         times["time_score"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
         exp = Experience(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, tokens=ro.tokens, mask=ro.mask,
                          advantages=adv, old_logp=old_logp, ref_logp=ref_logp)
-        update_metrics = self._update_epochs(exp)
+        update_metrics = self._update_epochs(exp, critic_batch)
         times["time_update"] = time.perf_counter() - t2
 
         self.step += 1
@@ -253,7 +308,7 @@ class RLTrainer:
         metrics["model_tflops_per_sec"] = flops / total_time / 1e12
         return {k: float(v) for k, v in metrics.items()}
 
-    def _update_epochs(self, exp: Experience) -> dict[str, float]:
+    def _update_epochs(self, exp: Experience, critic_batch: dict | None = None) -> dict[str, float]:
         cfg, a = self.cfg, self.cfg.algorithm
         rows = exp.num_rows
         mb = rows // a.minibatches
@@ -268,12 +323,22 @@ class RLTrainer:
                 norm = minibatch_normalizer(part.mask, self.loss_cfg)
                 micro = jax.device_put(split_micro(part, num_micro), self.batch_spec)
                 self.params, self.opt_state, m = self._update(self.params, self.rest, self.opt_state, micro, norm)
+                if critic_batch is not None:
+                    m = dict(m, **self._update_critic(critic_batch, idx, num_micro))
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
         out = {k: v / count for k, v in sums.items()}
         out["skipped_nonfinite"] = sums.get("skipped_nonfinite", 0.0)
         return out
+
+    def _update_critic(self, batch: dict, idx, num_micro: int) -> dict:
+        c = self.critic
+        part = {k: v[idx] for k, v in batch.items()}
+        micro = jax.device_put({k: v.reshape((num_micro, -1) + v.shape[1:]) for k, v in part.items()},
+                               self.batch_spec)
+        c["params"], c["opt_state"], m = c["update"](c["params"], c["rest"], c["opt_state"], micro)
+        return m
 
     def _rollout_metrics(self, ro: Rollout, rewards: np.ndarray, per_fn: dict) -> dict[str, float]:
         n = self.cfg.rollout.n
@@ -323,6 +388,18 @@ class RLTrainer:
 
     def close(self) -> None:
         self.checkpointer.close()
+
+
+def _explained_variance(values, returns, mask):
+    """1 - Var(returns - values) / Var(returns) over valid tokens: how much of the return the critic predicts."""
+    m = jnp.asarray(mask, jnp.float32)
+    count = jnp.maximum(m.sum(), 1.0)
+
+    def var(x):
+        mean = jnp.sum(x * m) / count
+        return jnp.sum(jnp.square(x - mean) * m) / count
+
+    return 1.0 - var(returns - values) / jnp.maximum(var(returns), 1e-8)
 
 
 def train(cfg: TrainConfig) -> dict[str, float]:

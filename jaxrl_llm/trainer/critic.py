@@ -1,0 +1,89 @@
+"""PPO's learned critic: a separate value model (a decoder trunk plus a linear value head) and its update step.
+
+``V_t`` is the value of the state *before* response token ``t`` is emitted: the head reads the same hidden state
+that predicts token ``t`` (position ``P - 1 + t`` of ``[prompt | response]``), so ``delta_t = r_t + gamma V_{t+1}
+- V_t`` in :func:`jaxrl_llm.advantages.gae` lines up token for token with the policy's log-probs.
+
+The head starts at zero, so the first advantages are the plain returns; the trunk starts from the policy
+checkpoint (the usual choice when no reward model is at hand).
+"""
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxrl_llm import losses as L
+from jaxrl_llm.models import left_pad_positions
+
+__all__ = ["init_value_head", "token_values", "make_critic_step", "token_level_rewards"]
+
+
+def init_value_head(hidden_size: int, dtype=jnp.float32) -> dict[str, jax.Array]:
+    return {"w": jnp.zeros((hidden_size,), dtype), "b": jnp.zeros((), dtype)}
+
+
+def token_values(model, head, prompt_ids, prompt_mask, tokens, mask, forced_experts=None) -> jax.Array:
+    """``V [N, R]`` for every response position (0 where ``mask`` is off)."""
+    p = prompt_ids.shape[1]
+    ids = jnp.concatenate([prompt_ids, tokens], axis=1).astype(jnp.int32)
+    full_mask = jnp.concatenate([prompt_mask, mask], axis=1).astype(bool)
+    out = model(ids, left_pad_positions(full_mask), attention_mask=full_mask, forced_experts=forced_experts)
+    hidden = out.hidden[:, p - 1:-1].astype(jnp.float32)
+    values = hidden @ head["w"].astype(jnp.float32) + head["b"].astype(jnp.float32)
+    return jnp.where(mask, values, 0.0)
+
+
+def token_level_rewards(seq_rewards, mask, token_penalty=None) -> jax.Array:
+    """Sequence rewards placed on each response's last valid token, plus an optional per-token term
+    (e.g. ``-kl_coef * KL_t`` for a KL penalty in the reward, as in PPO for RLHF)."""
+    mask = jnp.asarray(mask, bool)
+    length = mask.sum(axis=1)
+    last = jnp.maximum(length - 1, 0)
+    hot = (jnp.arange(mask.shape[1])[None, :] == last[:, None]) & (length[:, None] > 0)
+    out = jnp.where(hot, jnp.asarray(seq_rewards, jnp.float32)[:, None], 0.0)
+    if token_penalty is not None:
+        out = out + jnp.where(mask, token_penalty, 0.0)
+    return out
+
+
+def make_critic_step(graphdef, optimizer: optax.GradientTransformation, *, value_clip: float | None):
+    """``update(params, rest, opt_state, micro) -> (params, opt_state, metrics)``.
+
+    ``params = {"trunk": <nnx Param state>, "head": {...}}``; ``micro`` is a dict of ``[num_micro, n, ...]`` arrays
+    (``prompt_ids, prompt_mask, tokens, mask, old_values, returns``). The token-mean value loss uses the whole
+    minibatch's token count as normaliser, so the summed micro-batch gradients are the minibatch gradient.
+    """
+
+    def loss_fn(params, rest, batch, normalizer):
+        model = flax.nnx.merge(graphdef, params["trunk"], rest)
+        values = token_values(model, params["head"], batch["prompt_ids"], batch["prompt_mask"], batch["tokens"],
+                              batch["mask"])
+        loss, metrics = L.value_loss(values, batch["old_values"], batch["returns"], batch["mask"], clip=value_clip,
+                                     agg="token-mean", normalizer=normalizer)
+        share = batch["mask"].sum() / normalizer
+        return loss, {"value_loss": loss, **{k: v * share for k, v in metrics.items()}}
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def update(params, rest, opt_state, micro):
+        normalizer = jnp.maximum(micro["mask"].sum(), 1).astype(jnp.float32)
+
+        def body(acc, batch):
+            (_, metrics), grads = grad_fn(params, rest, batch, normalizer)
+            return jax.tree.map(jnp.add, acc, (grads, metrics)), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(lambda: grad_fn(params, rest, first, normalizer))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
+        (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        new_params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params)
+        new_opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_opt_state, opt_state)
+        return new_params, new_opt_state, {**metrics, "value_grad_norm": grad_norm}
+
+    return update
