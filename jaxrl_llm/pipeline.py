@@ -80,6 +80,14 @@ def _say(msg: str) -> None:
     print(f"[jaxrl_llm] {msg}", flush=True)
 
 
+def _longest(task, tok, difficulties) -> tuple[int, int]:
+    """Token lengths (prompt, solution + end-of-text) of the longest problem of these difficulties."""
+    problems = task.split("train", 256, seed=12345, difficulties=(max(difficulties),))
+    prompt = max(len(tok(p.model_input, add_special_tokens=False)["input_ids"]) for p in problems)
+    target = max(len(tok(p.solution, add_special_tokens=False)["input_ids"]) for p in problems) + 1
+    return prompt, target
+
+
 def _edge(table: dict, low: float, high: float) -> list[int]:
     return [d for d, r in sorted(table.items()) if low < r["pass@1"] < high]
 
@@ -116,8 +124,10 @@ def run_pipeline(cfg: PipelineConfig, configs_dir: str) -> str:
     examples = ((p.model_input, p.solution)
                 for p in task.stream("train", cfg.seed, difficulties=tuple(cfg.sft.difficulties)))
     sft_dir = os.path.join(run_dir, "sft")
+    # SFT problems are short: padding them only to their own longest shape roughly halves the cost of a step
+    sft_prompt_len, sft_target_len = _longest(task, tok, cfg.sft.difficulties)
     losses = run_sft(model, tok, examples, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
-                     prompt_len=cfg.prompt_len, target_len=cfg.max_new_tokens, lr=cfg.sft.lr, out_dir=sft_dir,
+                     prompt_len=sft_prompt_len, target_len=sft_target_len, lr=cfg.sft.lr, out_dir=sft_dir,
                      run_dir=run_dir)
     _say(f"    SFT loss {losses[0]:.3f} -> {losses[-1]:.3f}; checkpoint: {sft_dir}")
 
