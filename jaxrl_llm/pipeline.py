@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -35,6 +36,7 @@ class SFTSpec:
     steps: int = 600
     batch_size: int = 64
     lr: float = 2e-3
+    slip_rate: float = 0.0  # probability that a step of a worked solution carries a slip (see tasks.arith)
 
 
 @dataclass
@@ -100,7 +102,7 @@ def run_pipeline(cfg: PipelineConfig, configs_dir: str) -> str:
     from jaxrl_llm.models import Decoder, ModelConfig, load_hf
     from jaxrl_llm.report import write_report
     from jaxrl_llm.sft import run_sft
-    from jaxrl_llm.tasks import ArithTask
+    from jaxrl_llm.tasks import ArithTask, worked_solution
     from jaxrl_llm.tokenizer import build_char_tokenizer
     from jaxrl_llm.tracking import read_jsonl
     from jaxrl_llm.trainer.rl import RLTrainer
@@ -121,7 +123,8 @@ def run_pipeline(cfg: PipelineConfig, configs_dir: str) -> str:
     model = Decoder(mcfg, rngs=nnx.Rngs(m.seed))
     _say(f"1/5 SFT: Qwen3-style policy with {mcfg.num_params():,} parameters on difficulties "
          f"{cfg.sft.difficulties} ({cfg.sft.steps} steps x {cfg.sft.batch_size} worked solutions)")
-    examples = ((p.model_input, p.solution)
+    slips = random.Random(f"slips-{cfg.seed}")
+    examples = ((p.model_input, worked_solution(p.prompt, slips, cfg.sft.slip_rate))
                 for p in task.stream("train", cfg.seed, difficulties=tuple(cfg.sft.difficulties)))
     sft_dir = os.path.join(run_dir, "sft")
     # SFT problems are short: padding them only to their own longest shape roughly halves the cost of a step
@@ -150,9 +153,11 @@ def run_pipeline(cfg: PipelineConfig, configs_dir: str) -> str:
     if not difficulties:  # nothing in the band: take the difficulty closest to pass@1 = 0.5
         difficulties = [min(before, key=lambda d: abs(before[d]["pass@1"] - 0.5))]
     _say(f"3/5 RL ({cfg.rl.preset}) on the edge of competence: difficulties {difficulties}")
+    # rollouts only as long as the hardest RL problem needs, plus room to ramble (which rewards then judge)
+    rl_prompt_len, rl_target_len = _longest(task, tok, difficulties)
     overrides = [f"model.path={sft_dir}", f"log.run_dir={os.path.join(run_dir, 'rl')}",
-                 "data.source=task", f"data.max_prompt_tokens={cfg.prompt_len}",
-                 f"rollout.max_new_tokens={cfg.max_new_tokens}", f"data.seed={cfg.seed}", f"train.seed={cfg.seed}",
+                 "data.source=task", f"data.max_prompt_tokens={rl_prompt_len}",
+                 f"rollout.max_new_tokens={min(cfg.max_new_tokens, rl_target_len + 16)}", f"data.seed={cfg.seed}", f"train.seed={cfg.seed}",
                  f"data.task_kwargs={{difficulties: {difficulties}, max_ops: {max(difficulties)}, "
                  f"num_problems: 20000}}", "checkpoint.resume=false", *cfg.rl.overrides]
     rl_cfg = load_config(os.path.join(configs_dir, f"{cfg.rl.preset}.yaml"), overrides)
@@ -168,7 +173,8 @@ def run_pipeline(cfg: PipelineConfig, configs_dir: str) -> str:
     rows = read_jsonl(os.path.join(run_dir, "rl", "metrics.jsonl"))
     notes = {
         "model": f"Qwen3-style decoder, {mcfg.num_params():,} parameters, char tokenizer ({len(tok)} tokens)",
-        "SFT": f"{cfg.sft.steps} steps on difficulties {cfg.sft.difficulties}, loss {losses[0]:.3f} -> "
+        "SFT": f"{cfg.sft.steps} steps on difficulties {cfg.sft.difficulties} (slip rate {cfg.sft.slip_rate}), "
+               f"loss {losses[0]:.3f} -> "
                f"{losses[-1]:.3f}",
         "RL": f"{cfg.rl.preset}, {rl_cfg.train.steps} steps x {rl_cfg.train.prompts_per_step} prompts x "
               f"{rl_cfg.rollout.n} samples on difficulties {difficulties}",

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from jaxrl_llm.tasks.arith import ArithTask, extract_answer, score_completion
+from jaxrl_llm.tasks.arith import ArithTask, extract_answer, score_completion, worked_solution
 
 
 def _independent_answer(prompt: str) -> int:
@@ -76,3 +76,25 @@ def test_extract_and_score():
         ArithTask(3, 2)
     with pytest.raises(ValueError, match="split"):
         next(ArithTask().stream("test", 0))
+
+
+def test_worked_solution_and_slips():
+    task = ArithTask(1, 6)
+    problems = task.split("train", 300, seed=5)
+    # without slips the solution re-derived from the problem text is the generator's own
+    assert all(worked_solution(p.prompt) == p.solution for p in problems)
+    rng = random.Random(0)
+    steps = wrong_steps = 0
+    for p in problems:
+        noisy = worked_solution(p.prompt, rng, 0.2)
+        # every step still states an operation on the values carried so far; count the results that are wrong
+        for step in noisy.split(",")[:-1]:
+            m = re.fullmatch(r"[a-z]=(\d)([-+*])(\d)=(\d)", step)
+            assert m, step
+            a, op, b, r = int(m[1]), m[2], int(m[3]), int(m[4])
+            steps += 1
+            wrong_steps += r != {"+": (a + b) % 10, "-": (a - b) % 10, "*": (a * b) % 10}[op]
+        assert noisy.rsplit("#", 1)[1] == noisy.split(",")[-2].rsplit("=", 1)[1]  # the answer follows the steps
+    assert abs(wrong_steps / steps - 0.2) < 0.04  # ~1000 steps: 4 standard deviations
+    with pytest.raises(ValueError, match="slip_rate"):
+        worked_solution(problems[0].prompt, rng, 1.0)

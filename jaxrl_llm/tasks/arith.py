@@ -8,6 +8,11 @@ any earlier variable. Variable letters are drawn at random, so nothing can be me
     prompt:   q=3,x=8,k=q*x,b=k+q,?b
     solution: k=3*8=4,b=4+3=7,#7
 
+Worked solutions for supervised training can carry *slips* (:func:`worked_solution` with ``slip_rate > 0``): each
+step's result is, with that probability, replaced by a wrong digit and the later steps carry the mistake forward,
+as in imperfect human-written data. A policy imitating such data makes the same slips when sampling; the
+reward of the RL stage is always the true answer.
+
 Answers are single digits checked exactly after the final-answer marker ``#``. Train and eval problems are kept
 apart by a hash of the problem text (eval owns one bucket of the hash space), so the splits cannot overlap
 whatever seeds are used.
@@ -21,7 +26,7 @@ import re
 import string
 from collections.abc import Iterator
 
-__all__ = ["Problem", "ArithTask", "extract_answer", "score_completion", "ANSWER_MARKER"]
+__all__ = ["Problem", "ArithTask", "worked_solution", "extract_answer", "score_completion", "ANSWER_MARKER"]
 
 ANSWER_MARKER = "#"
 OPS = ("+", "-", "*")
@@ -52,6 +57,35 @@ def _apply(op: str, a: int, b: int) -> int:
     if op == "-":
         return (a - b) % MODULUS
     return (a * b) % MODULUS
+
+
+_DEF_RE = re.compile(r"([a-z])=(?:(\d)|([a-z])([-+*])([a-z]))$")
+
+
+def worked_solution(prompt: str, rng: random.Random | None = None, slip_rate: float = 0.0) -> str:
+    """The step-by-step solution of a problem text; with ``slip_rate`` each step's result is wrong with that
+    probability (a uniformly drawn other digit), and later steps use the wrong value."""
+    if not 0.0 <= slip_rate < 1.0:
+        raise ValueError(f"slip_rate must be in [0, 1), got {slip_rate}")
+    if slip_rate and rng is None:
+        raise ValueError("a slip_rate needs an rng")
+    *defs, query = prompt.strip().split(",")
+    values: dict[str, int] = {}
+    steps = []
+    for text in defs:
+        m = _DEF_RE.match(text)
+        if m is None:
+            raise ValueError(f"not a definition: {text!r} in {prompt!r}")
+        name, literal, left, op, right = m.groups()
+        if literal is not None:
+            values[name] = int(literal)
+            continue
+        value = _apply(op, values[left], values[right])
+        if slip_rate and rng.random() < slip_rate:
+            value = (value + rng.randrange(1, MODULUS)) % MODULUS
+        steps.append(f"{name}={values[left]}{op}{values[right]}={value}")
+        values[name] = value
+    return ",".join(steps) + f",{ANSWER_MARKER}{values[query.lstrip('?')]}"
 
 
 def _is_eval(prompt: str) -> bool:
