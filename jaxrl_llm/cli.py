@@ -47,28 +47,12 @@ def _pipeline(args) -> int:
 
 
 def _sft(args) -> int:
-    from flax import nnx
-
-    from jaxrl_llm.models import Decoder, ModelConfig
-    from jaxrl_llm.pipeline import load_pipeline_config
-    from jaxrl_llm.sft import run_sft
+    from jaxrl_llm.pipeline import load_pipeline_config, run_sft_stage
     from jaxrl_llm.tasks import ArithTask
     from jaxrl_llm.tokenizer import build_char_tokenizer
 
     cfg = load_pipeline_config(args.config, args.overrides)
-    tok = build_char_tokenizer()
-    m = cfg.model
-    mcfg = ModelConfig(model_type="qwen3", vocab_size=len(tok), hidden_size=m.hidden_size,
-                       intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
-                       num_kv_heads=m.num_kv_heads, head_dim=m.hidden_size // m.num_heads, qk_norm=True,
-                       tie_word_embeddings=True, max_position_embeddings=4 * (cfg.prompt_len + cfg.max_new_tokens),
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    task = ArithTask(1, max(cfg.sft.difficulties))
-    examples = ((p.model_input, p.solution)
-                for p in task.stream("train", cfg.seed, difficulties=tuple(cfg.sft.difficulties)))
-    run_sft(Decoder(mcfg, rngs=nnx.Rngs(m.seed)), tok, examples, steps=cfg.sft.steps,
-            batch_size=cfg.sft.batch_size, prompt_len=cfg.prompt_len, target_len=cfg.max_new_tokens, lr=cfg.sft.lr,
-            out_dir=args.out, run_dir=args.out)
+    run_sft_stage(cfg, ArithTask(1, max(cfg.sft.difficulties)), build_char_tokenizer(), args.out, args.out)
     print(f"SFT checkpoint written to {args.out}")
     return 0
 

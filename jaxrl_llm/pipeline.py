@@ -8,7 +8,6 @@ format, metrics JSONL, evaluations, report).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -94,15 +93,42 @@ def _edge(table: dict, low: float, high: float) -> list[int]:
     return [d for d, r in sorted(table.items()) if low < r["pass@1"] < high]
 
 
-def run_pipeline(cfg: PipelineConfig, configs_dir: str) -> str:
+def policy_config(cfg: PipelineConfig, tok):
+    """The Qwen3-style architecture of the main job's policy."""
+    from jaxrl_llm.models import ModelConfig
+
+    m = cfg.model
+    return ModelConfig(model_type="qwen3", vocab_size=len(tok), hidden_size=m.hidden_size,
+                       intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
+                       num_kv_heads=m.num_kv_heads, head_dim=m.hidden_size // m.num_heads, qk_norm=True,
+                       tie_word_embeddings=True, max_position_embeddings=4 * (cfg.prompt_len + cfg.max_new_tokens),
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def run_sft_stage(cfg: PipelineConfig, task, tok, out_dir: str, run_dir: str | None):
+    """A fresh policy trained on worked solutions of ``cfg.sft.difficulties``; returns ``(model, losses)``."""
     from flax import nnx
 
+    from jaxrl_llm.models import Decoder
+    from jaxrl_llm.sft import run_sft
+    from jaxrl_llm.tasks import worked_solution
+
+    model = Decoder(policy_config(cfg, tok), rngs=nnx.Rngs(cfg.model.seed))
+    slips = random.Random(f"slips-{cfg.seed}")
+    examples = ((p.model_input, worked_solution(p.prompt, slips, cfg.sft.slip_rate))
+                for p in task.stream("train", cfg.seed, difficulties=tuple(cfg.sft.difficulties)))
+    # SFT problems are short: padding them only to their own longest shape roughly halves the cost of a step
+    prompt_len, target_len = _longest(task, tok, cfg.sft.difficulties)
+    losses = run_sft(model, tok, examples, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
+                     prompt_len=prompt_len, target_len=target_len, lr=cfg.sft.lr, out_dir=out_dir, run_dir=run_dir)
+    return model, losses
+
+
+def run_pipeline(cfg: PipelineConfig, configs_dir: str) -> str:
     from jaxrl_llm.config import load_config
     from jaxrl_llm.evaluate import evaluate_pass_at_k
-    from jaxrl_llm.models import Decoder, ModelConfig, load_hf
     from jaxrl_llm.report import write_report
-    from jaxrl_llm.sft import run_sft
-    from jaxrl_llm.tasks import ArithTask, worked_solution
+    from jaxrl_llm.tasks import ArithTask
     from jaxrl_llm.tokenizer import build_char_tokenizer
     from jaxrl_llm.tracking import read_jsonl
     from jaxrl_llm.trainer.rl import RLTrainer
@@ -114,24 +140,11 @@ def run_pipeline(cfg: PipelineConfig, configs_dir: str) -> str:
         f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
     task = ArithTask(1, max(cfg.eval.difficulties + cfg.sft.difficulties))
     tok = build_char_tokenizer()
-    m = cfg.model
-    mcfg = ModelConfig(model_type="qwen3", vocab_size=len(tok), hidden_size=m.hidden_size,
-                       intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
-                       num_kv_heads=m.num_kv_heads, head_dim=m.hidden_size // m.num_heads, qk_norm=True,
-                       tie_word_embeddings=True, max_position_embeddings=4 * (cfg.prompt_len + cfg.max_new_tokens),
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = Decoder(mcfg, rngs=nnx.Rngs(m.seed))
+    mcfg = policy_config(cfg, tok)
     _say(f"1/5 SFT: Qwen3-style policy with {mcfg.num_params():,} parameters on difficulties "
          f"{cfg.sft.difficulties} ({cfg.sft.steps} steps x {cfg.sft.batch_size} worked solutions)")
-    slips = random.Random(f"slips-{cfg.seed}")
-    examples = ((p.model_input, worked_solution(p.prompt, slips, cfg.sft.slip_rate))
-                for p in task.stream("train", cfg.seed, difficulties=tuple(cfg.sft.difficulties)))
     sft_dir = os.path.join(run_dir, "sft")
-    # SFT problems are short: padding them only to their own longest shape roughly halves the cost of a step
-    sft_prompt_len, sft_target_len = _longest(task, tok, cfg.sft.difficulties)
-    losses = run_sft(model, tok, examples, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
-                     prompt_len=sft_prompt_len, target_len=sft_target_len, lr=cfg.sft.lr, out_dir=sft_dir,
-                     run_dir=run_dir)
+    model, losses = run_sft_stage(cfg, task, tok, sft_dir, run_dir)
     _say(f"    SFT loss {losses[0]:.3f} -> {losses[-1]:.3f}; checkpoint: {sft_dir}")
 
     eval_problems = {d: task.split("eval", cfg.eval.problems, seed=cfg.seed, difficulties=(d,))

@@ -71,6 +71,7 @@ def run_sft(model: Decoder, tokenizer, examples: Iterator[tuple[str, str]], *, s
     step_fn = make_sft_step(graphdef, optimizer)
     logger = MetricsLogger(run_dir, filename="sft_metrics.jsonl", tensorboard=False) if run_dir else None
     losses = []
+    shown = 0  # steps already counted by the progress bar
     start = time.perf_counter()
     with Progress(steps, "sft", enabled=progress) as bar:
         for step in range(steps):
@@ -83,7 +84,8 @@ def run_sft(model: Decoder, tokenizer, examples: Iterator[tuple[str, str]], *, s
                 if logger:
                     logger.log(step, {"sft_loss": value, "grad_norm": float(gnorm),
                                       "elapsed": time.perf_counter() - start})
-                bar.update(advance=log_every if step else 1, loss=value)
+                bar.update(advance=step + 1 - shown, loss=value)
+                shown = step + 1
     nnx.update(model, params)
     if logger:
         logger.close()

@@ -1,5 +1,4 @@
 """The RL trainer end to end on a tiny model: presets, exact resume, sharded == unsharded, bad input."""
-import json
 import os
 
 import jax

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
