@@ -52,7 +52,8 @@ def _sft(args) -> int:
     from jaxrl_llm.tokenizer import build_char_tokenizer
 
     cfg = load_pipeline_config(args.config, args.overrides)
-    run_sft_stage(cfg, ArithTask(1, max(cfg.sft.difficulties)), build_char_tokenizer(), args.out, args.out)
+    task = ArithTask(1, max(cfg.sft.difficulties), cfg.task.num_literals, cfg.task.operands)
+    run_sft_stage(cfg, task, build_char_tokenizer(), args.out, args.out)
     print(f"SFT checkpoint written to {args.out}")
     return 0
 
@@ -65,7 +66,7 @@ def _eval(args) -> int:
 
     model, _ = load_hf(args.model)
     tok = load_tokenizer(args.model)
-    task = ArithTask(1, max(args.difficulties))
+    task = ArithTask(1, max(args.difficulties), args.num_literals, args.operands)
     problems = {d: task.split("eval", args.problems, seed=args.seed, difficulties=(d,)) for d in args.difficulties}
     table = evaluate_pass_at_k(model, tok, problems, n=args.n, temperature=args.temperature,
                                max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len, seed=args.seed)
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=72)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-literals", type=int, default=2, help="task shape, as the pipeline's task.num_literals")
+    p.add_argument("--operands", choices=("any", "literal"), default="any", help="as the pipeline's task.operands")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("demo", help="a short GRPO demonstration on a toy objective")

@@ -8,6 +8,7 @@ format, metrics JSONL, evaluations, report).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -57,6 +58,14 @@ class RLSpec:
 
 
 @dataclass
+class TaskSpec:
+    """Shape of the arithmetic problems (see :class:`jaxrl_llm.tasks.ArithTask`)."""
+
+    num_literals: int = 2
+    operands: str = "any"  # any | literal
+
+
+@dataclass
 class PipelineConfig:
     run_dir: str = "runs/main"
     seed: int = 0
@@ -64,6 +73,7 @@ class PipelineConfig:
     sft: SFTSpec = field(default_factory=SFTSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     rl: RLSpec = field(default_factory=RLSpec)
+    task: TaskSpec = field(default_factory=TaskSpec)
     prompt_len: int = 64
     max_new_tokens: int = 72
 
@@ -138,7 +148,7 @@ def run_pipeline(cfg: PipelineConfig, configs_dir: str) -> str:
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "pipeline.yaml"), "w", encoding="utf-8") as f:
         f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    task = ArithTask(1, max(cfg.eval.difficulties + cfg.sft.difficulties))
+    task = ArithTask(1, max(cfg.eval.difficulties + cfg.sft.difficulties), **dataclasses.asdict(cfg.task))
     tok = build_char_tokenizer()
     mcfg = policy_config(cfg, tok)
     _say(f"1/5 SFT: Qwen3-style policy with {mcfg.num_params():,} parameters on difficulties "
@@ -170,9 +180,10 @@ def run_pipeline(cfg: PipelineConfig, configs_dir: str) -> str:
     rl_prompt_len, rl_target_len = _longest(task, tok, difficulties)
     overrides = [f"model.path={sft_dir}", f"log.run_dir={os.path.join(run_dir, 'rl')}",
                  "data.source=task", f"data.max_prompt_tokens={rl_prompt_len}",
-                 f"rollout.max_new_tokens={min(cfg.max_new_tokens, rl_target_len + 16)}", f"data.seed={cfg.seed}", f"train.seed={cfg.seed}",
-                 f"data.task_kwargs={{difficulties: {difficulties}, max_ops: {max(difficulties)}, "
-                 f"num_problems: 20000}}", "checkpoint.resume=false", *cfg.rl.overrides]
+                 f"rollout.max_new_tokens={min(cfg.max_new_tokens, rl_target_len + 16)}", f"data.seed={cfg.seed}",
+                 f"train.seed={cfg.seed}", "data.task_kwargs=" + json.dumps(
+                     {"difficulties": difficulties, "max_ops": max(difficulties), "num_problems": 20000,
+                      **dataclasses.asdict(cfg.task)}), "checkpoint.resume=false", *cfg.rl.overrides]
     rl_cfg = load_config(os.path.join(configs_dir, f"{cfg.rl.preset}.yaml"), overrides)
     trainer = RLTrainer(rl_cfg)
     try:

@@ -28,9 +28,10 @@ def _independent_answer(prompt: str) -> int:
     return env[query.lstrip("?")]
 
 
+@pytest.mark.parametrize("shape", [{}, {"num_literals": 3, "operands": "literal"}])
 @pytest.mark.parametrize("difficulty", range(1, 9))
-def test_answers_and_solutions_are_correct(difficulty):
-    task = ArithTask(1, 8)
+def test_answers_and_solutions_are_correct(difficulty, shape):
+    task = ArithTask(1, 8, **shape)
     rng = random.Random(difficulty)
     for _ in range(50):
         p = task.generate(rng, difficulty)
@@ -98,3 +99,19 @@ def test_worked_solution_and_slips():
     assert abs(wrong_steps / steps - 0.2) < 0.04  # ~1000 steps: 4 standard deviations
     with pytest.raises(ValueError, match="slip_rate"):
         worked_solution(problems[0].prompt, rng, 1.0)
+
+
+def test_literal_operands_chain_results_through_literals():
+    task = ArithTask(1, 8, num_literals=3, operands="literal")
+    for p in task.split("train", 200, seed=2):
+        defs = [d.split("=") for d in p.prompt.split(",")[:-1]]
+        literals = {name for name, rhs in defs if rhs.isdigit()}
+        assert len(literals) == 3
+        prev = defs[2][0]
+        for name, rhs in defs[3:]:
+            left, right = rhs[0], rhs[2]
+            assert prev in (left, right)  # every operation extends the chain
+            assert ({left, right} - {prev}) <= literals  # and its other operand is a literal
+            prev = name
+    with pytest.raises(ValueError, match="operands"):
+        ArithTask(1, 2, operands="some")

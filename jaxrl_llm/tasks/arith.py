@@ -100,12 +100,17 @@ class ArithTask:
     min_ops: int = 1
     max_ops: int = 4
     num_literals: int = 2
+    # the operand besides the previous result: any earlier variable (a lookup into earlier steps), or only a
+    # literal (a lookup into the prompt; the chain of results is then read off the previous step)
+    operands: str = "any"
 
     def __post_init__(self):
         if not 1 <= self.min_ops <= self.max_ops <= 20:
             raise ValueError(f"need 1 <= min_ops <= max_ops <= 20, got {self.min_ops}, {self.max_ops}")
         if not 1 <= self.num_literals <= 5:
             raise ValueError(f"num_literals must be in [1, 5], got {self.num_literals}")
+        if self.operands not in ("any", "literal"):
+            raise ValueError(f"operands must be 'any' or 'literal', got {self.operands!r}")
 
     def generate(self, rng: random.Random, difficulty: int | None = None) -> Problem:
         d = rng.randint(self.min_ops, self.max_ops) if difficulty is None else difficulty
@@ -117,7 +122,8 @@ class ArithTask:
             defs.append(f"{name}={values[name]}")
         prev = names[self.num_literals - 1]
         for name in names[self.num_literals:]:
-            other = rng.choice([n for n in values if n != prev] or [prev])
+            pool = names[: self.num_literals] if self.operands == "literal" else list(values)
+            other = rng.choice([n for n in pool if n != prev] or [prev])
             left, right = (prev, other) if rng.random() < 0.5 else (other, prev)
             op = rng.choice(OPS)
             values[name] = _apply(op, values[left], values[right])
