@@ -141,3 +141,27 @@ def test_bad_input(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="'wrong_length_for_test' returned 1 scores for 16"):
         trainer.train()
     trainer.close()
+
+
+def test_trimming_responses_keeps_every_sampled_token_and_its_score(tiny_model_dir):
+    from jaxrl_llm.models import load_hf
+    from jaxrl_llm.sampling import Sampler, SamplingParams, score
+    from jaxrl_llm.trainer.rl import trim_responses
+
+    model, _ = load_hf(tiny_model_dir)
+    tok = build_char_tokenizer()
+    ids = np.array([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]], np.int32)
+    mask = ids > 0
+    # a stop token sampled often, so responses end well before the budget
+    params = SamplingParams(temperature=1.0, max_new_tokens=40, n=4, stop_tokens=(tok.eos_token_id, *range(20, 60)))
+    ro = Sampler(model).generate(nnx.state(model), ids, mask, params, jax.random.key(3))
+    cut = trim_responses(ro, multiple=8)
+    longest = int(np.asarray(ro.lengths).max())
+    assert cut.tokens.shape[1] == max(8, -(-longest // 8) * 8) < 40
+    np.testing.assert_array_equal(np.asarray(cut.tokens), np.asarray(ro.tokens)[:, :cut.tokens.shape[1]])
+    assert int(np.asarray(cut.mask).sum()) == int(np.asarray(ro.mask).sum())
+    graphdef, state = nnx.split(model)
+    full, _ = score(graphdef, state, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask)
+    short, _ = score(graphdef, state, cut.prompt_ids, cut.prompt_mask, cut.tokens, cut.mask)
+    np.testing.assert_allclose(np.asarray(short), np.asarray(full)[:, :cut.tokens.shape[1]], atol=1e-6)
+    assert trim_responses(cut, multiple=8) is cut

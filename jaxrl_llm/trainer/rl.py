@@ -47,6 +47,21 @@ def _concat_rollouts(parts: list[Rollout]) -> Rollout:
     return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1 if xs[0].ndim == 4 else 0), *parts)
 
 
+def trim_responses(ro: Rollout, multiple: int = 16) -> Rollout:
+    """Cut the response axis to the longest response, rounded up to ``multiple`` (few distinct shapes, so few
+    compilations): scoring and updates then pay for the tokens sampled rather than the whole budget. Causal
+    attention makes the cut invisible to the kept tokens."""
+    r = ro.tokens.shape[1]
+    longest = int(np.max(np.asarray(ro.lengths))) if ro.lengths.size else 0
+    keep = min(r, max(multiple, -(-longest // multiple) * multiple))
+    if keep == r:
+        return ro
+    p = ro.prompt_ids.shape[1]
+    experts = None if ro.experts is None else ro.experts[:, :, :p + keep]
+    return ro.replace(tokens=ro.tokens[:, :keep], logprobs=ro.logprobs[:, :keep], mask=ro.mask[:, :keep],
+                      experts=experts)
+
+
 def _take_rows(ro: Rollout, idx: np.ndarray) -> Rollout:
     def take(x):
         return x[:, idx] if x.ndim == 4 else x[idx]  # MoE routes are [L, N, T, k]
@@ -246,6 +261,8 @@ class RLTrainer:
         times = {}
         t0 = time.perf_counter()
         ro, rewards, per_fn, rstats, extra = self._collect()
+        if cfg.rollout.consistency != "exact":  # exact mode replays the sampler's own shapes
+            ro = trim_responses(ro)
         jax.block_until_ready(ro.tokens)
         times["time_rollout_reward"] = time.perf_counter() - t0
 
