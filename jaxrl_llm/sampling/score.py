@@ -16,7 +16,19 @@ from flax import nnx
 from jaxrl_llm.losses import token_logprobs_and_entropy
 from jaxrl_llm.models import left_pad_positions
 
-__all__ = ["sequence_logprobs", "score", "rollout_logprobs"]
+__all__ = ["response_hidden", "sequence_logprobs", "score", "rollout_logprobs"]
+
+
+def response_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_experts=None):
+    """Final hidden states ``[N, R, H]`` that predict each response token: one forward over ``[prompt | response]``.
+
+    The hidden state at position i predicts token i + 1, so response token t is predicted at ``P - 1 + t``.
+    """
+    p = prompt_ids.shape[1]
+    ids = jnp.concatenate([prompt_ids, tokens], axis=1).astype(jnp.int32)
+    full_mask = jnp.concatenate([prompt_mask, mask], axis=1).astype(bool)
+    out = model(ids, left_pad_positions(full_mask), attention_mask=full_mask, forced_experts=forced_experts)
+    return out.hidden[:, p - 1:-1]
 
 
 def sequence_logprobs(model, prompt_ids, prompt_mask, tokens, mask, *, temperature: float = 1.0, chunk: int = 512,
@@ -26,12 +38,7 @@ def sequence_logprobs(model, prompt_ids, prompt_mask, tokens, mask, *, temperatu
     ``temperature`` must be the sampling temperature so values match the sampler's. ``forced_experts``
     (``[L_moe, N, P + R, k]``) replays a recorded MoE routing.
     """
-    p = prompt_ids.shape[1]
-    ids = jnp.concatenate([prompt_ids, tokens], axis=1).astype(jnp.int32)
-    full_mask = jnp.concatenate([prompt_mask, mask], axis=1).astype(bool)
-    out = model(ids, left_pad_positions(full_mask), attention_mask=full_mask, forced_experts=forced_experts)
-    # hidden state at position i predicts token i + 1: response token t is predicted at p - 1 + t
-    hidden = out.hidden[:, p - 1:-1]
+    hidden = response_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_experts)
     logp, ent = token_logprobs_and_entropy(hidden, model.unembedding(), tokens, chunk=chunk,
                                            temperature=temperature)
     return jnp.where(mask, logp, 0.0), jnp.where(mask, ent, 0.0)

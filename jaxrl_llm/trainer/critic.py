@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxrl_llm import losses as L
-from jaxrl_llm.models import left_pad_positions
+from jaxrl_llm.sampling.score import response_hidden
+from jaxrl_llm.trainer.step import accumulate, apply_if_finite
 
 __all__ = ["init_value_head", "token_values", "make_critic_step", "token_level_rewards"]
 
@@ -26,11 +27,7 @@ def init_value_head(hidden_size: int, dtype=jnp.float32) -> dict[str, jax.Array]
 
 def token_values(model, head, prompt_ids, prompt_mask, tokens, mask, forced_experts=None) -> jax.Array:
     """``V [N, R]`` for every response position (0 where ``mask`` is off)."""
-    p = prompt_ids.shape[1]
-    ids = jnp.concatenate([prompt_ids, tokens], axis=1).astype(jnp.int32)
-    full_mask = jnp.concatenate([prompt_mask, mask], axis=1).astype(bool)
-    out = model(ids, left_pad_positions(full_mask), attention_mask=full_mask, forced_experts=forced_experts)
-    hidden = out.hidden[:, p - 1:-1].astype(jnp.float32)
+    hidden = response_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_experts).astype(jnp.float32)
     values = hidden @ head["w"].astype(jnp.float32) + head["b"].astype(jnp.float32)
     return jnp.where(mask, values, 0.0)
 
@@ -70,20 +67,13 @@ def make_critic_step(graphdef, optimizer: optax.GradientTransformation, *, value
     def update(params, rest, opt_state, micro):
         normalizer = jnp.maximum(micro["mask"].sum(), 1).astype(jnp.float32)
 
-        def body(acc, batch):
+        def micro_grads(batch):
             (_, metrics), grads = grad_fn(params, rest, batch, normalizer)
-            return jax.tree.map(jnp.add, acc, (grads, metrics)), None
+            return grads, metrics
 
-        first = jax.tree.map(lambda x: x[0], micro)
-        shapes = jax.eval_shape(lambda: grad_fn(params, rest, first, normalizer))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
-        (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+        grads, metrics = accumulate(micro_grads, micro)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(grad_norm)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        new_params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params)
-        new_opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_opt_state, opt_state)
+        new_params, new_opt_state = apply_if_finite(optimizer, grads, params, opt_state, jnp.isfinite(grad_norm))
         return new_params, new_opt_state, {**metrics, "value_grad_norm": grad_norm}
 
     return update

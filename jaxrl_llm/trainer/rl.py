@@ -62,6 +62,10 @@ def trim_responses(ro: Rollout, multiple: int = 16) -> Rollout:
                       experts=experts)
 
 
+def _shardings(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
 def _take_rows(ro: Rollout, idx: np.ndarray) -> Rollout:
     def take(x):
         return x[:, idx] if x.ndim == 4 else x[idx]  # MoE routes are [L, N, T, k]
@@ -79,8 +83,7 @@ class RLTrainer:
         self.is_main = jax.process_index() == 0
         self.run_dir = cfg.log.run_dir
         self.mesh = make_mesh(dataclasses.asdict(cfg.mesh), devices)
-        model, self.model_cfg = load_hf(cfg.model.path, mesh=self.mesh, dtype=_DTYPES[cfg.model.dtype],
-                                        param_dtype=_DTYPES[cfg.model.param_dtype], remat=cfg.model.remat)
+        model, self.model_cfg = self._load_model()
         self.tokenizer = load_tokenizer(cfg.model.path)
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
         a, r, t = cfg.algorithm, cfg.rollout, cfg.train
@@ -96,23 +99,14 @@ class RLTrainer:
                                    kl_coef=0.0 if a.kl_in_reward else a.kl_coef, kl_estimator=a.kl_estimator,
                                    entropy_coef=a.entropy_coef,
                                    agg_constant=a.agg_constant or float(r.max_new_tokens))
-        updates_total = t.steps * a.ppo_epochs * a.minibatches
-        self.optimizer = make_optimizer(t.lr, steps=updates_total, warmup_steps=t.warmup_steps, schedule=t.schedule,
-                                        weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, grad_clip=t.grad_clip or None)
-        replicated = NamedSharding(self.mesh, P())
-        # moments follow their parameters' shardings; scalars (step counts) are replicated over the mesh
-        self.opt_state = jax.tree.map(
-            lambda x: x if len(x.sharding.device_set) == self.mesh.size else jax.device_put(x, replicated),
-            jax.jit(self.optimizer.init)(self.params))
+        self.optimizer, self.opt_state = self._optimizer(t.lr, self.params)
         temperature, chunk = r.temperature, t.logprob_chunk
 
         def logprob_fn(m, exp: Experience):
             return sequence_logprobs(m, exp.prompt_ids, exp.prompt_mask, exp.tokens, exp.mask,
                                      temperature=temperature, chunk=chunk, forced_experts=exp.forced_experts)
 
-        param_sh = jax.tree.map(lambda x: x.sharding, self.params)
-        opt_sh = jax.tree.map(lambda x: x.sharding, self.opt_state)
-        rest_sh = jax.tree.map(lambda x: x.sharding, self.rest)
+        param_sh, opt_sh, rest_sh = _shardings(self.params), _shardings(self.opt_state), _shardings(self.rest)
         self.batch_spec = NamedSharding(self.mesh, P(None, ("data", "fsdp")))
         self._update = jax.jit(make_update_step(self.graphdef, self.optimizer, self.loss_cfg, logprob_fn),
                                in_shardings=(param_sh, rest_sh, opt_sh, None, None),
@@ -129,25 +123,35 @@ class RLTrainer:
         if cfg.checkpoint.resume and self.checkpointer.latest_step() is not None:
             self._restore()
 
+    def _load_model(self):
+        """The checkpoint at ``model.path``, placed on the mesh with the configured dtypes and remat policy."""
+        m = self.cfg.model
+        return load_hf(m.path, mesh=self.mesh, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype],
+                       remat=m.remat)
+
+    def _optimizer(self, lr: float, params):
+        """AdamW with the run's schedule (one update per minibatch) and its state placed on the mesh."""
+        a, t = self.cfg.algorithm, self.cfg.train
+        optimizer = make_optimizer(lr, steps=t.steps * a.ppo_epochs * a.minibatches, warmup_steps=t.warmup_steps,
+                                   schedule=t.schedule, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
+                                   grad_clip=t.grad_clip or None)
+        replicated = NamedSharding(self.mesh, P())
+        # moments follow their parameters' shardings; scalars (step counts) are replicated over the mesh
+        state = jax.tree.map(
+            lambda x: x if len(x.sharding.device_set) == self.mesh.size else jax.device_put(x, replicated),
+            jax.jit(optimizer.init)(params))
+        return optimizer, state
+
     def _build_critic(self) -> dict:
         """The separate value model of PPO: trunk from the policy checkpoint, zero value head, own optimizer."""
-        cfg, a, t = self.cfg, self.cfg.algorithm, self.cfg.train
-        trunk_model, _ = load_hf(cfg.model.path, mesh=self.mesh, dtype=_DTYPES[cfg.model.dtype],
-                                 param_dtype=_DTYPES[cfg.model.param_dtype], remat=cfg.model.remat)
+        a, t = self.cfg.algorithm, self.cfg.train
+        trunk_model, _ = self._load_model()
         graphdef, trunk, rest = nnx.split(trunk_model, nnx.Param, ...)
         replicated = NamedSharding(self.mesh, P())
         head = jax.device_put(init_value_head(self.model_cfg.hidden_size), replicated)
         params = {"trunk": trunk, "head": head}
-        updates_total = t.steps * a.ppo_epochs * a.minibatches
-        optimizer = make_optimizer(a.critic_lr or t.lr, steps=updates_total, warmup_steps=t.warmup_steps,
-                                   schedule=t.schedule, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
-                                   grad_clip=t.grad_clip or None)
-        opt_state = jax.tree.map(
-            lambda x: x if len(x.sharding.device_set) == self.mesh.size else jax.device_put(x, replicated),
-            jax.jit(optimizer.init)(params))
-        param_sh = jax.tree.map(lambda x: x.sharding, params)
-        opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
-        rest_sh = jax.tree.map(lambda x: x.sharding, rest)
+        optimizer, opt_state = self._optimizer(a.critic_lr or t.lr, params)
+        param_sh, opt_sh, rest_sh = _shardings(params), _shardings(opt_state), _shardings(rest)
         update = jax.jit(make_critic_step(graphdef, optimizer, value_clip=a.value_clip),
                          in_shardings=(param_sh, rest_sh, opt_sh, None), out_shardings=(param_sh, opt_sh, None),
                          donate_argnums=(0, 2))
@@ -284,23 +288,23 @@ class RLTrainer:
         if a.overlong_penalty:
             rewards = rewards + np.asarray(A.overlong_penalty(np.asarray(ro.lengths), max_len=cfg.rollout.max_new_tokens,
                                                               cache_len=a.overlong_cache))
+        # token-level credit (gae, reinforce_pp) puts the outcome on the last token and the KL on every token
+        token_rewards = token_level_rewards(rewards, ro.mask, kl_penalty) if a.advantage in ("gae", "reinforce_pp") \
+            else None
+        if kl_penalty is not None:  # the sequence reward trained on (and logged) includes the KL penalty
+            rewards = rewards + np.asarray(jnp.sum(kl_penalty, axis=1))
         critic_batch = None
-        if a.advantage in ("gae", "reinforce_pp"):  # token-level credit: rewards on tokens, KL per token
-            token_rewards = token_level_rewards(rewards, ro.mask, kl_penalty)
-            if a.advantage == "gae":
-                c = self.critic
-                old_values = c["values"](c["params"], c["rest"], ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask)
-                adv, returns = A.gae(token_rewards, old_values, ro.mask, gamma=a.gamma, lam=a.lam)
-                adv = A.whiten(adv, ro.mask)
-                critic_batch = {"prompt_ids": ro.prompt_ids, "prompt_mask": ro.prompt_mask, "tokens": ro.tokens,
-                                "mask": ro.mask, "old_values": old_values, "returns": returns}
-                metrics["explained_variance"] = float(_explained_variance(old_values, returns, ro.mask))
-            else:
-                adv = A.reinforce_pp(token_rewards, ro.mask, gamma=a.gamma)
-            rewards = rewards + (np.asarray(jnp.sum(kl_penalty, axis=1)) if kl_penalty is not None else 0.0)
+        if a.advantage == "gae":
+            c = self.critic
+            old_values = c["values"](c["params"], c["rest"], ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask)
+            adv, returns = A.gae(token_rewards, old_values, ro.mask, gamma=a.gamma, lam=a.lam)
+            adv = A.whiten(adv, ro.mask)
+            critic_batch = {"prompt_ids": ro.prompt_ids, "prompt_mask": ro.prompt_mask, "tokens": ro.tokens,
+                            "mask": ro.mask, "old_values": old_values, "returns": returns}
+            metrics["explained_variance"] = float(_explained_variance(old_values, returns, ro.mask))
+        elif a.advantage == "reinforce_pp":
+            adv = A.reinforce_pp(token_rewards, ro.mask, gamma=a.gamma)
         else:
-            if kl_penalty is not None:
-                rewards = rewards + np.asarray(jnp.sum(kl_penalty, axis=1))
             adv = self._advantages(rewards, ro.mask)
         jax.block_until_ready(old_logp)
         times["time_score"] = time.perf_counter() - t1

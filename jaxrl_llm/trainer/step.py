@@ -21,7 +21,8 @@ import optax
 
 from jaxrl_llm import losses as L
 
-__all__ = ["Experience", "LossConfig", "make_update_step", "split_micro", "minibatch_normalizer"]
+__all__ = ["Experience", "LossConfig", "make_update_step", "split_micro", "minibatch_normalizer", "accumulate",
+           "apply_if_finite"]
 
 
 @flax.struct.dataclass
@@ -89,6 +90,31 @@ def split_micro(exp: Experience, num_micro: int) -> Experience:
     return exp
 
 
+def accumulate(micro_grads: Callable[[Any], Any], micro_batches):
+    """Sum ``micro_grads(micro)`` (any pytree, e.g. ``(grads, metrics)``) over the leading micro-batch axis of
+    ``micro_batches`` with a ``lax.scan``, so only one micro-batch's activations are live at a time."""
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(micro_grads, first))
+
+    def body(acc, micro):
+        return jax.tree.map(jnp.add, acc, micro_grads(micro)), None
+
+    total, _ = jax.lax.scan(body, zeros, micro_batches)
+    return total
+
+
+def apply_if_finite(optimizer: optax.GradientTransformation, grads, params, opt_state, finite):
+    """The optax update, or parameters and optimizer state unchanged when ``finite`` is false (a NaN/inf loss or
+    gradient never reaches the parameters or a checkpoint)."""
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+
+    def keep(new, old):
+        return jnp.where(finite, new, old)
+
+    return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state)
+
+
 LogprobFn = Callable[[Any, Experience], tuple[jax.Array, jax.Array]]
 
 
@@ -123,32 +149,19 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, cfg: Los
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def update(params, rest, opt_state, micro_batches: Experience, normalizer):
-        zeros = jax.tree.map(jnp.zeros_like, params)
         weight_total = jnp.maximum(micro_batches.mask.sum(), 1)
 
-        def body(acc, micro):
-            grads_acc, metrics_acc = acc
+        def micro_grads(micro):
             (_, metrics), grads = grad_fn(params, rest, micro, normalizer)
             # summed losses already carry the global normaliser; metrics that are per-micro means are
             # re-weighted by each micro-batch's share of the tokens
             share = micro.mask.sum() / weight_total
-            metrics = {k: (v if k in _SUMMED else v * share) for k, v in metrics.items()}
-            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-            metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
-            return (grads_acc, metrics_acc), None
+            return grads, {k: (v if k in _SUMMED else v * share) for k, v in metrics.items()}
 
-        first = jax.tree.map(lambda x: x[0], micro_batches)
-        metric_shapes = jax.eval_shape(lambda: grad_fn(params, rest, first, normalizer)[0][1])
-        metric_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
-        (grads, metrics), _ = jax.lax.scan(body, (zeros, metric_zeros), micro_batches)
-
+        grads, metrics = accumulate(micro_grads, micro_batches)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        # skip the whole update on a non-finite loss/gradient
-        new_params = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params)
-        new_opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_opt_state, opt_state)
+        new_params, new_opt_state = apply_if_finite(optimizer, grads, params, opt_state, finite)
         metrics = dict(metrics)
         metrics["grad_norm"] = grad_norm
         metrics["skipped_nonfinite"] = (~finite).astype(jnp.float32)
