@@ -15,7 +15,7 @@ from jaxrl_llm.losses._checks import check_2d
 
 __all__ = [
     "gae", "grpo", "rloo", "whiten", "reinforce_pp", "reinforce_pp_baseline", "passk", "broadcast_over_tokens",
-    "overlong_penalty", "informative_groups",
+    "overlong_penalty", "informative_groups", "differential_smoothing", "sequence_logprob",
 ]
 
 
@@ -181,3 +181,24 @@ def informative_groups(rewards):
     _check_groups(rewards)
     xp = jnp if isinstance(rewards, jax.Array) else np
     return xp.max(rewards, axis=1) != xp.min(rewards, axis=1)
+
+
+def sequence_logprob(logp: jax.Array, mask: jax.Array, *, length_norm: bool = False) -> jax.Array:
+    """``log pi(y|x) = sum_t logp_t`` per response ``[batch]`` (the per-token mean with ``length_norm``)."""
+    check_2d(logp=logp, mask=mask)
+    total = jnp.sum(jnp.where(mask, logp.astype(jnp.float32), 0.0), axis=-1)
+    return total / jnp.maximum(mask.sum(axis=-1), 1) if length_norm else total
+
+
+def differential_smoothing(advantages: jax.Array, seq_logp: jax.Array, correct: jax.Array, *,
+                           gamma_pos: float, gamma_neg: float) -> jax.Array:
+    """Differential Smoothing (arXiv 2511.19942, Eq. 6) on sequence advantages ``[batch]``:
+    ``A - gamma_pos * log pi_old(y|x)`` for correct samples (a bonus that favours rarer correct solutions) and
+    ``A + gamma_neg * log pi_old(y|x)`` for incorrect ones (a penalty that pushes hardest on likely errors)."""
+    if gamma_pos < 0 or gamma_neg < 0:
+        raise ValueError(f"gamma_pos and gamma_neg must be >= 0, got {gamma_pos}, {gamma_neg}")
+    if not advantages.shape == seq_logp.shape == correct.shape or advantages.ndim != 1:
+        raise ValueError(f"advantages, seq_logp and correct must share one [batch] shape, got {advantages.shape}, "
+                         f"{seq_logp.shape}, {correct.shape}")
+    seq_logp = jax.lax.stop_gradient(seq_logp.astype(jnp.float32))
+    return jnp.where(correct.astype(bool), advantages - gamma_pos * seq_logp, advantages + gamma_neg * seq_logp)
