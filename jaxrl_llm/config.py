@@ -33,7 +33,7 @@ __all__ = [
     "MeshSection", "CheckpointSection", "LogSection", "RewardSpec", "RewardSection", "ConfigError",
     "load_config", "validate", "to_yaml", "save_config", "summary", "config_keys",
     "POLICY_LOSSES", "AGG_MODES", "KL_ESTIMATORS", "ADVANTAGES", "GROUP_ADVANTAGES", "CRITICS", "DTYPES",
-    "REMAT", "SOURCES", "TASKS", "SCHEDULES", "CONSISTENCY",
+    "REMAT", "SOURCES", "TASKS", "SCHEDULES", "CONSISTENCY", "COV_PENALTIES", "ROLLOUT_IS", "ROLLOUT_MASK",
 ]
 
 # Allowed names. They mirror the loss/advantage libraries but are kept here so that reading a config needs
@@ -50,6 +50,9 @@ SOURCES = ("task", "gym", "jsonl", "parquet")
 TASKS = ("arith",)
 SCHEDULES = ("constant", "cosine", "linear")
 CONSISTENCY = ("default", "exact")
+COV_PENALTIES = ("none", "clip_cov", "kl_cov")
+ROLLOUT_IS = ("none", "token", "sequence")
+ROLLOUT_MASK = ("none", "token", "sequence", "geometric")
 _CLIPPED_LOSSES = ("ppo_clip", "gspo", "gspo_token", "cispo")
 
 
@@ -99,6 +102,7 @@ class RolloutSection:
     min_p: float = 0.0  # 0 disables
     consistency: str = "default"  # default | exact (sampler log-probs bitwise equal to the trainer's)
     sampler_dtype: str | None = None  # e.g. bfloat16 to sample in lower precision than model.dtype
+    routing_replay: bool = False  # MoE: the trainer replays the experts the sampler chose for every token
 
 
 @dataclass
@@ -129,6 +133,28 @@ class AlgorithmSection:
     critic: str | None = None  # gae only: separate (own value model initialised from the policy + value head)
     critic_lr: float | None = None  # the critic's learning rate (None: train.lr)
     value_clip: float | None = 0.2  # value clipping around the old values (None: unclipped)
+    # exploration remedies (docs/features.md)
+    entropy_target: float | None = None  # adaptive entropy control: steer the bonus coefficient to this entropy
+    entropy_coef_step: float = 0.005  # change of the coefficient per step under adaptive control
+    entropy_coef_max: float = 0.05  # upper bound of the adaptive coefficient
+    entropy_token_frac: float = 1.0  # < 1: only this top fraction of tokens by entropy gets policy gradient
+    cov_penalty: str = "none"  # none | clip_cov | kl_cov (arXiv 2505.22617)
+    clip_cov_ratio: float = 2e-4  # fraction of tokens Clip-Cov detaches
+    clip_cov_low: float = 1.0  # covariance band Clip-Cov draws from
+    clip_cov_high: float = 5.0
+    kl_cov_ratio: float = 2e-3  # top fraction of tokens by covariance KL-Cov penalises
+    kl_cov_coef: float = 1.0
+    ds_gamma_pos: float = 0.0  # Differential Smoothing: A - g_pos * log pi_old(y) on correct samples
+    ds_gamma_neg: float = 0.0  # and A + g_neg * log pi_old(y) on incorrect ones (arXiv 2511.19942)
+    ds_length_norm: bool = False  # use the per-token mean log-prob instead of the sequence log-prob
+    bupo_layer: int | None = None  # BuPO warm-up: optimise the policy read out after this layer (0-based)...
+    bupo_steps: int = 0  # ... for this many steps, then the full model (arXiv 2512.19673)
+    # training-inference mismatch correction with the sampler's log-probs
+    rollout_is: str = "none"  # none | token | sequence: truncated importance weights pi_old / mu_old
+    rollout_is_cap: float = 2.0  # truncation C of the weights
+    rollout_mask: str = "none"  # none | token | sequence | geometric: reject tokens/sequences with extreme ratios
+    rollout_mask_low: float = 0.5
+    rollout_mask_high: float = 2.0
 
 
 @dataclass
@@ -176,6 +202,7 @@ class LogSection:
     jsonl: bool = True
     tensorboard: bool = True
     progress: bool = True  # progress bar on the terminal
+    layer_entropy: bool = False  # log the entropy of every layer's read-out policy (logit lens) each step
 
 
 @dataclass
@@ -464,6 +491,43 @@ def _check_algorithm(cfg: TrainConfig) -> None:
         _require(1 <= a.passk_k <= r.n, "algorithm.passk_k", f"must be in [1, rollout.n={r.n}], got {a.passk_k}")
     if a.dynamic_sampling:
         _require(r.n >= 2, "rollout.n", "algorithm.dynamic_sampling keeps groups whose rewards differ: needs n >= 2")
+    _check_remedies(cfg)
+
+
+def _check_remedies(cfg: TrainConfig) -> None:
+    a = cfg.algorithm
+    if a.entropy_target is not None:
+        _require(a.entropy_target > 0, "algorithm.entropy_target", f"must be > 0 or null, got {a.entropy_target}")
+        _require(a.entropy_coef_step > 0, "algorithm.entropy_coef_step", f"must be > 0, got {a.entropy_coef_step}")
+        _require(a.entropy_coef_max >= a.entropy_coef, "algorithm.entropy_coef_max",
+                 f"must be >= algorithm.entropy_coef={a.entropy_coef}, got {a.entropy_coef_max}")
+    _require(0 < a.entropy_token_frac <= 1, "algorithm.entropy_token_frac",
+             f"must be in (0, 1], got {a.entropy_token_frac}")
+    _choice(a.cov_penalty, "algorithm.cov_penalty", COV_PENALTIES)
+    _require(0 < a.clip_cov_ratio <= 1, "algorithm.clip_cov_ratio", f"must be in (0, 1], got {a.clip_cov_ratio}")
+    _require(a.clip_cov_low < a.clip_cov_high, "algorithm.clip_cov_high",
+             f"must be > algorithm.clip_cov_low={a.clip_cov_low}, got {a.clip_cov_high}")
+    _require(0 < a.kl_cov_ratio <= 1, "algorithm.kl_cov_ratio", f"must be in (0, 1], got {a.kl_cov_ratio}")
+    _require(a.kl_cov_coef >= 0, "algorithm.kl_cov_coef", f"must be >= 0, got {a.kl_cov_coef}")
+    if a.cov_penalty == "clip_cov":
+        _require(a.policy_loss in _CLIPPED_LOSSES, "algorithm.cov_penalty",
+                 f"clip_cov works with a clipped policy loss ({', '.join(_CLIPPED_LOSSES)}), not {a.policy_loss}")
+    _require(a.ds_gamma_pos >= 0, "algorithm.ds_gamma_pos", f"must be >= 0, got {a.ds_gamma_pos}")
+    _require(a.ds_gamma_neg >= 0, "algorithm.ds_gamma_neg", f"must be >= 0, got {a.ds_gamma_neg}")
+    if a.ds_gamma_pos or a.ds_gamma_neg:
+        _require(a.advantage in GROUP_ADVANTAGES, "algorithm.ds_gamma_pos",
+                 f"Differential Smoothing modifies sequence advantages: needs a group advantage "
+                 f"({', '.join(GROUP_ADVANTAGES)}), not {a.advantage}")
+    _require(a.bupo_steps >= 0, "algorithm.bupo_steps", f"must be >= 0, got {a.bupo_steps}")
+    if a.bupo_steps:
+        _require(a.bupo_layer is not None and a.bupo_layer >= 0, "algorithm.bupo_layer",
+                 "algorithm.bupo_steps > 0 needs the layer whose policy is optimised (a 0-based index)")
+        _require(a.advantage != "gae", "algorithm.bupo_steps", "the BuPO warm-up is not combined with a critic")
+    _choice(a.rollout_is, "algorithm.rollout_is", ROLLOUT_IS)
+    _choice(a.rollout_mask, "algorithm.rollout_mask", ROLLOUT_MASK)
+    _require(a.rollout_is_cap >= 1, "algorithm.rollout_is_cap", f"must be >= 1, got {a.rollout_is_cap}")
+    _require(0 <= a.rollout_mask_low < 1 < a.rollout_mask_high, "algorithm.rollout_mask_low",
+             f"the band must satisfy 0 <= low < 1 < high, got [{a.rollout_mask_low}, {a.rollout_mask_high}]")
 
 
 def _data_parallel_size(sizes: dict[str, int], device_count: int) -> int:

@@ -7,23 +7,11 @@ import pytest
 from flax import nnx
 
 from jaxrl_llm.config import load_config
-from jaxrl_llm.models import Decoder, ModelConfig, save_hf
 from jaxrl_llm.tokenizer import build_char_tokenizer
 from jaxrl_llm.trainer.rl import RLTrainer
 from jaxrl_llm.tracking import read_jsonl
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny"))
-    tok = build_char_tokenizer()
-    cfg = ModelConfig(model_type="qwen3", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, max_position_embeddings=128,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    save_hf(Decoder(cfg, rngs=nnx.Rngs(0)), path, tokenizer=tok)
-    return path
 
 
 def _cfg(model_dir, run_dir, preset=None, *extra):

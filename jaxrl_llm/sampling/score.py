@@ -16,46 +16,87 @@ from flax import nnx
 from jaxrl_llm.losses import token_logprobs_and_entropy
 from jaxrl_llm.models import left_pad_positions
 
-__all__ = ["response_hidden", "sequence_logprobs", "score", "rollout_logprobs"]
+__all__ = ["response_hidden", "sequence_logprobs", "score", "rollout_logprobs", "layer_entropies",
+           "routing_agreement"]
 
 
-def response_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_experts=None):
+def _forward(model, prompt_ids, prompt_mask, tokens, mask, **kwargs):
+    ids = jnp.concatenate([prompt_ids, tokens], axis=1).astype(jnp.int32)
+    full_mask = jnp.concatenate([prompt_mask, mask], axis=1).astype(bool)
+    return model(ids, left_pad_positions(full_mask), attention_mask=full_mask, **kwargs), full_mask
+
+
+def response_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_experts=None, layer: int | None = None):
     """Final hidden states ``[N, R, H]`` that predict each response token: one forward over ``[prompt | response]``.
 
     The hidden state at position i predicts token i + 1, so response token t is predicted at ``P - 1 + t``.
+    With ``layer = l`` the states are layer l's residual stream (0-based) through the final norm: the read-out
+    of an internal layer policy (logit lens). Layers above l then take no part in the result.
     """
     p = prompt_ids.shape[1]
-    ids = jnp.concatenate([prompt_ids, tokens], axis=1).astype(jnp.int32)
-    full_mask = jnp.concatenate([prompt_mask, mask], axis=1).astype(bool)
-    out = model(ids, left_pad_positions(full_mask), attention_mask=full_mask, forced_experts=forced_experts)
-    return out.hidden[:, p - 1:-1]
+    out, _ = _forward(model, prompt_ids, prompt_mask, tokens, mask, forced_experts=forced_experts,
+                      return_residuals=layer is not None)
+    hidden = out.hidden if layer is None else model.final_norm(out.residuals[layer + 1])
+    return hidden[:, p - 1:-1]
 
 
 def sequence_logprobs(model, prompt_ids, prompt_mask, tokens, mask, *, temperature: float = 1.0, chunk: int = 512,
-                      forced_experts=None):
+                      forced_experts=None, layer: int | None = None):
     """``(logp [N, R], entropy [N, R])`` of response ``tokens`` after left-padded prompts; 0 where ``mask`` is off.
 
     ``temperature`` must be the sampling temperature so values match the sampler's. ``forced_experts``
-    (``[L_moe, N, P + R, k]``) replays a recorded MoE routing.
+    (``[L_moe, N, P + R, k]``) replays a recorded MoE routing. ``layer`` scores the internal policy of that layer
+    (see :func:`response_hidden`).
     """
-    hidden = response_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_experts)
+    hidden = response_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_experts, layer)
     logp, ent = token_logprobs_and_entropy(hidden, model.unembedding(), tokens, chunk=chunk,
                                            temperature=temperature)
     return jnp.where(mask, logp, 0.0), jnp.where(mask, ent, 0.0)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("temperature", "chunk"))
-def _score(graphdef, state, prompt_ids, prompt_mask, tokens, mask, forced_experts, *, temperature, chunk):
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("temperature", "chunk", "layer"))
+def _score(graphdef, state, prompt_ids, prompt_mask, tokens, mask, forced_experts, *, temperature, chunk, layer):
     model = nnx.merge(graphdef, state)
     return sequence_logprobs(model, prompt_ids, prompt_mask, tokens, mask, temperature=temperature, chunk=chunk,
-                             forced_experts=forced_experts)
+                             forced_experts=forced_experts, layer=layer)
 
 
 def score(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, temperature: float = 1.0, chunk: int = 512,
-          forced_experts=None):
+          forced_experts=None, layer: int | None = None):
     """Jitted :func:`sequence_logprobs` for a model given as ``(graphdef, state)`` (no gradient)."""
     return _score(graphdef, state, prompt_ids, prompt_mask, tokens, mask, forced_experts,
-                  temperature=float(temperature), chunk=chunk)
+                  temperature=float(temperature), chunk=chunk, layer=layer)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("temperature", "chunk"))
+def layer_entropies(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, temperature: float = 1.0,
+                    chunk: int = 512):
+    """Mean entropy ``[num_layers]`` of every layer's read-out policy (final norm + unembedding applied to the
+    residual stream after that layer) over the valid response positions; the last entry is the model's own."""
+    model = nnx.merge(graphdef, state)
+    p = prompt_ids.shape[1]
+    out, _ = _forward(model, prompt_ids, prompt_mask, tokens, mask, return_residuals=True)
+    count = jnp.maximum(mask.sum(), 1)
+
+    def one(residual):
+        hidden = model.final_norm(residual)[:, p - 1:-1]
+        _, ent = token_logprobs_and_entropy(hidden, model.unembedding(), tokens, chunk=chunk,
+                                            temperature=temperature)
+        return jnp.sum(jnp.where(mask, ent, 0.0)) / count
+
+    return jax.lax.map(one, out.residuals[1:])
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def routing_agreement(graphdef, state, prompt_ids, prompt_mask, tokens, mask, experts):
+    """Fraction of recorded expert choices ``experts [L_moe, N, P + R, k]`` (e.g. the sampler's) that the model
+    ``(graphdef, state)`` also makes when it routes by itself, over every valid position and MoE layer."""
+    model = nnx.merge(graphdef, state)
+    out, full_mask = _forward(model, prompt_ids, prompt_mask, tokens, mask)
+    own = out.experts  # [L_moe, N, T, k]
+    hit = jnp.any(experts[..., :, None] == own[..., None, :], axis=-1)  # [L_moe, N, T, k]
+    valid = jnp.broadcast_to(full_mask[None, :, :, None], hit.shape)
+    return jnp.sum(hit & valid) / jnp.maximum(valid.sum(), 1)
 
 
 def rollout_logprobs(sampler, graphdef, state, rollout, *, temperature: float, chunk: int = 512,

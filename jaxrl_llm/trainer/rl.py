@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrl_llm import advantages as A
 from jaxrl_llm import losses as L
+from jaxrl_llm.losses import exploration as X
 from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.config import TrainConfig, save_config, validate
 from jaxrl_llm.data import PromptStream, load_rows, tokenize_prompts
@@ -29,7 +30,7 @@ from jaxrl_llm.models import load_hf, save_hf
 from jaxrl_llm.parallel import make_mesh
 from jaxrl_llm.rewards import compute_rewards, get_reward
 from jaxrl_llm.sampling import Rollout, Sampler, SamplingParams, mismatch_metrics, rollout_logprobs, score
-from jaxrl_llm.sampling import sequence_logprobs
+from jaxrl_llm.sampling import layer_entropies, routing_agreement, sequence_logprobs
 from jaxrl_llm.tokenizer import load_tokenizer
 from jaxrl_llm.tracking import MetricsLogger, Progress
 from jaxrl_llm.trainer.critic import init_value_head, make_critic_step, token_level_rewards, token_values
@@ -73,6 +74,12 @@ def _take_rows(ro: Rollout, idx: np.ndarray) -> Rollout:
     return jax.tree.map(take, ro)
 
 
+def _take_experience(exp: Experience, idx) -> Experience:
+    routes = exp.forced_experts  # [L_moe, N, T, k]: rows are on axis 1
+    part = jax.tree.map(lambda x: x[idx], exp.replace(forced_experts=None))
+    return part if routes is None else part.replace(forced_experts=routes[:, idx])
+
+
 class RLTrainer:
     """One RL run. ``devices`` restricts the mesh to some devices (default: all)."""
 
@@ -97,20 +104,36 @@ class RLTrainer:
         self.loss_cfg = LossConfig(policy_loss=a.policy_loss, agg=a.loss_agg, clip_low=a.clip_low,
                                    clip_high=a.clip_high, dual_clip=a.dual_clip,
                                    kl_coef=0.0 if a.kl_in_reward else a.kl_coef, kl_estimator=a.kl_estimator,
-                                   entropy_coef=a.entropy_coef,
-                                   agg_constant=a.agg_constant or float(r.max_new_tokens))
+                                   entropy_coef=a.entropy_coef, entropy_target=a.entropy_target,
+                                   entropy_token_frac=a.entropy_token_frac,
+                                   agg_constant=a.agg_constant or float(r.max_new_tokens),
+                                   cov_penalty=a.cov_penalty, clip_cov_ratio=a.clip_cov_ratio,
+                                   clip_cov_low=a.clip_cov_low, clip_cov_high=a.clip_cov_high,
+                                   kl_cov_ratio=a.kl_cov_ratio, kl_cov_coef=a.kl_cov_coef)
+        self._check_model_switches()
+        self.entropy_coef = float(a.entropy_coef)
         self.optimizer, self.opt_state = self._optimizer(t.lr, self.params)
         temperature, chunk = r.temperature, t.logprob_chunk
 
-        def logprob_fn(m, exp: Experience):
-            return sequence_logprobs(m, exp.prompt_ids, exp.prompt_mask, exp.tokens, exp.mask,
-                                     temperature=temperature, chunk=chunk, forced_experts=exp.forced_experts)
+        def logprob_fn_of(layer):
+            def logprob_fn(m, exp: Experience):
+                return sequence_logprobs(m, exp.prompt_ids, exp.prompt_mask, exp.tokens, exp.mask,
+                                         temperature=temperature, chunk=chunk, forced_experts=exp.forced_experts,
+                                         layer=layer)
+            return logprob_fn
 
         param_sh, opt_sh, rest_sh = _shardings(self.params), _shardings(self.opt_state), _shardings(self.rest)
         self.batch_spec = NamedSharding(self.mesh, P(None, ("data", "fsdp")))
-        self._update = jax.jit(make_update_step(self.graphdef, self.optimizer, self.loss_cfg, logprob_fn),
-                               in_shardings=(param_sh, rest_sh, opt_sh, None, None),
-                               out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 2))
+
+        def jit_update(layer):
+            return jax.jit(make_update_step(self.graphdef, self.optimizer, self.loss_cfg, logprob_fn_of(layer)),
+                           in_shardings=(param_sh, rest_sh, opt_sh, None, None, None),
+                           out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 2))
+
+        self._update = jit_update(None)
+        # BuPO warm-up: the same update on the policy read out after layer bupo_layer (only layers <= l and the
+        # unembedding receive gradient)
+        self._update_bupo = jit_update(a.bupo_layer) if a.bupo_steps else None
         self.critic = self._build_critic() if a.advantage == "gae" else None
         self.stream = PromptStream(load_rows(cfg.data), t.prompts_per_step, seed=cfg.data.seed,
                                    shuffle=cfg.data.shuffle, process_index=jax.process_index(),
@@ -122,6 +145,20 @@ class RLTrainer:
                                          async_save=cfg.checkpoint.async_save)
         if cfg.checkpoint.resume and self.checkpointer.latest_step() is not None:
             self._restore()
+
+    def _check_model_switches(self) -> None:
+        a, r, m = self.cfg.algorithm, self.cfg.rollout, self.model_cfg
+        if a.bupo_steps and not 0 <= a.bupo_layer < m.num_layers:
+            raise ValueError(f"algorithm.bupo_layer={a.bupo_layer} is not a layer of the model "
+                             f"(0..{m.num_layers - 1})")
+        if r.routing_replay and not m.num_moe_layers:
+            raise ValueError("rollout.routing_replay needs a mixture-of-experts model; this one has no MoE layers")
+        if r.routing_replay and r.consistency == "exact":
+            raise ValueError("rollout.routing_replay is implied by rollout.consistency=exact (the trainer replays "
+                             "the sampler's computation); set routing_replay=false")
+
+    def _in_bupo_warmup(self) -> bool:
+        return self._update_bupo is not None and self.step < self.cfg.algorithm.bupo_steps
 
     def _load_model(self):
         """The checkpoint at ``model.path``, placed on the mesh with the configured dtypes and remat policy."""
@@ -172,7 +209,9 @@ class RLTrainer:
                 "key": jax.device_put(jax.random.key_data(self.key), replicated),
                 "step": jax.device_put(jnp.asarray(self.step, jnp.int32), replicated),
                 **({"critic": {"params": self.critic["params"], "opt_state": self.critic["opt_state"]}}
-                   if self.critic else {})}
+                   if self.critic else {}),
+                **({"entropy_coef": jax.device_put(jnp.asarray(self.entropy_coef, jnp.float32), replicated)}
+                   if self.loss_cfg.entropy_target is not None else {})}
 
     def _restore(self) -> None:
         state, meta = self.checkpointer.restore(self._state())
@@ -180,6 +219,8 @@ class RLTrainer:
         if self.critic:
             self.critic.update(state["critic"])
         self.key = jax.random.wrap_key_data(state["key"])
+        if "entropy_coef" in state:
+            self.entropy_coef = float(state["entropy_coef"])
         self.step = int(state["step"])
         self.stream.set_state(meta["data"])
         if self.is_main:
@@ -243,7 +284,7 @@ class RLTrainer:
             per_fn = {k: v[rows] for k, v in per_fn.items()}
         return ro, rewards, per_fn, stats, extra
 
-    def _advantages(self, rewards: np.ndarray, mask) -> jax.Array:
+    def _advantages(self, rewards: np.ndarray, mask, old_logp, correct: np.ndarray) -> jax.Array:
         a, n = self.cfg.algorithm, self.cfg.rollout.n
         groups = jnp.asarray(rewards, jnp.float32).reshape(-1, n)
         if a.advantage == "grpo":
@@ -258,7 +299,12 @@ class RLTrainer:
             adv = A.passk(groups, k=a.passk_k)
         else:
             raise ValueError(f"algorithm.advantage={a.advantage!r} is not a group baseline")
-        return A.broadcast_over_tokens(adv.reshape(-1), mask)
+        adv = adv.reshape(-1)
+        if a.ds_gamma_pos or a.ds_gamma_neg:
+            seq_logp = A.sequence_logprob(old_logp, mask, length_norm=a.ds_length_norm)
+            adv = A.differential_smoothing(adv, seq_logp, jnp.asarray(correct), gamma_pos=a.ds_gamma_pos,
+                                           gamma_neg=a.ds_gamma_neg)
+        return A.broadcast_over_tokens(adv, mask)
 
     def train_step(self) -> dict[str, float]:
         cfg, a = self.cfg, self.cfg.algorithm
@@ -273,8 +319,17 @@ class RLTrainer:
         t1 = time.perf_counter()
         state = nnx.merge_state(self.params, self.rest)
         temperature, chunk = cfg.rollout.temperature, cfg.train.logprob_chunk
-        old_logp, _ = rollout_logprobs(self.sampler, self.graphdef, state, ro, temperature=temperature, chunk=chunk)
+        replay = ro.experts if cfg.rollout.routing_replay else None
+        old_logp, _ = rollout_logprobs(self.sampler, self.graphdef, state, ro, temperature=temperature, chunk=chunk,
+                                       forced_experts=replay)
         metrics: dict[str, Any] = dict(mismatch_metrics(ro.logprobs, old_logp, ro.mask))
+        metrics.update(self._diagnostics(state, ro))
+        is_weights = None
+        if a.rollout_is != "none" or a.rollout_mask != "none":
+            is_weights, rc = L.rollout_correction(old_logp, ro.logprobs, ro.mask, is_level=a.rollout_is,
+                                                  cap=a.rollout_is_cap, mask_level=a.rollout_mask,
+                                                  low=a.rollout_mask_low, high=a.rollout_mask_high)
+            metrics.update(rc)
         ref_logp = None
         kl_penalty = None  # per-token -kl_coef * KL_t when the KL is part of the reward
         if self.ref_params is not None:
@@ -286,8 +341,8 @@ class RLTrainer:
             if a.kl_in_reward:
                 kl_penalty = -a.kl_coef * kl_tok
         if a.overlong_penalty:
-            rewards = rewards + np.asarray(A.overlong_penalty(np.asarray(ro.lengths), max_len=cfg.rollout.max_new_tokens,
-                                                              cache_len=a.overlong_cache))
+            rewards = rewards + np.asarray(A.overlong_penalty(
+                np.asarray(ro.lengths), max_len=cfg.rollout.max_new_tokens, cache_len=a.overlong_cache))
         # token-level credit (gae, reinforce_pp) puts the outcome on the last token and the KL on every token
         token_rewards = token_level_rewards(rewards, ro.mask, kl_penalty) if a.advantage in ("gae", "reinforce_pp") \
             else None
@@ -305,14 +360,27 @@ class RLTrainer:
         elif a.advantage == "reinforce_pp":
             adv = A.reinforce_pp(token_rewards, ro.mask, gamma=a.gamma)
         else:
-            adv = self._advantages(rewards, ro.mask)
-        jax.block_until_ready(old_logp)
+            correct = next(iter(per_fn.values())) > 0
+            adv = self._advantages(rewards, ro.mask, old_logp, correct)
+        bupo = self._in_bupo_warmup()
+        loss_old_logp = old_logp
+        if bupo:  # the warm-up's ratio is between internal-layer policies
+            loss_old_logp, _ = score(self.graphdef, state, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
+                                     temperature=temperature, chunk=chunk, forced_experts=replay,
+                                     layer=a.bupo_layer)
+            metrics["bupo_warmup"] = 1.0
+        jax.block_until_ready(loss_old_logp)
         times["time_score"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
         exp = Experience(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, tokens=ro.tokens, mask=ro.mask,
-                         advantages=adv, old_logp=old_logp, ref_logp=ref_logp)
-        update_metrics = self._update_epochs(exp, critic_batch)
+                         advantages=adv, old_logp=loss_old_logp, ref_logp=ref_logp, is_weights=is_weights,
+                         forced_experts=replay, sampler_logp=ro.logprobs)
+        update_metrics = self._update_epochs(exp, critic_batch, self._update_bupo if bupo else self._update)
+        if a.entropy_target is not None:
+            self.entropy_coef = float(X.adaptive_entropy_coef(
+                self.entropy_coef, update_metrics["entropy"], target=a.entropy_target, step=a.entropy_coef_step,
+                max_coef=a.entropy_coef_max))
         times["time_update"] = time.perf_counter() - t2
 
         self.step += 1
@@ -329,21 +397,41 @@ class RLTrainer:
         metrics["model_tflops_per_sec"] = flops / total_time / 1e12
         return {k: float(v) for k, v in metrics.items()}
 
-    def _update_epochs(self, exp: Experience, critic_batch: dict | None = None) -> dict[str, float]:
+    def _diagnostics(self, state, ro: Rollout) -> dict[str, float]:
+        """Per-layer read-out entropies (``log.layer_entropy``) and, for MoE models, how often the trainer's own
+        routing agrees with the sampler's."""
+        out: dict[str, float] = {}
+        if self.cfg.log.layer_entropy:
+            ents = layer_entropies(self.graphdef, state, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
+                                   temperature=self.cfg.rollout.temperature, chunk=self.cfg.train.logprob_chunk)
+            out.update({f"layer_entropy/{i}": float(e) for i, e in enumerate(np.asarray(ents))})
+        if ro.experts is not None:
+            out["routing_agreement"] = float(routing_agreement(self.graphdef, state, ro.prompt_ids, ro.prompt_mask,
+                                                               ro.tokens, ro.mask, ro.experts))
+        return out
+
+    def _update_epochs(self, exp: Experience, critic_batch: dict | None = None, update=None) -> dict[str, float]:
         cfg, a = self.cfg, self.cfg.algorithm
         rows = exp.num_rows
         mb = rows // a.minibatches
         num_micro = mb // cfg.train.micro_batch_size
         sums: dict[str, float] = {}
+        per_update: dict[str, float] = {}
         count = 0
         for epoch in range(a.ppo_epochs):
             perm = np.random.default_rng((cfg.train.seed, self.step, epoch)).permutation(rows)
             for i in range(a.minibatches):
                 idx = jnp.asarray(perm[i * mb:(i + 1) * mb])
-                part = jax.tree.map(lambda x: x[idx], exp)
+                part = _take_experience(exp, idx)
                 norm = minibatch_normalizer(part.mask, self.loss_cfg)
-                micro = jax.device_put(split_micro(part, num_micro), self.batch_spec)
-                self.params, self.opt_state, m = self._update(self.params, self.rest, self.opt_state, micro, norm)
+                micro = self._place_micro(split_micro(part, num_micro))
+                j = epoch * a.minibatches + i
+                control = {"entropy_coef": jnp.float32(self.entropy_coef),
+                           "key": jax.random.fold_in(jax.random.key(cfg.train.seed), self.step * 4096 + j)}
+                self.params, self.opt_state, m = (update or self._update)(self.params, self.rest, self.opt_state,
+                                                                          micro, norm, control)
+                if "offpolicy_kl" in m:  # the policy's drift from the sampler, update by update
+                    per_update[f"offpolicy_kl/update{j}"] = float(m["offpolicy_kl"])
                 if critic_batch is not None:
                     m = dict(m, **self._update_critic(critic_batch, idx, num_micro))
                 for k, v in m.items():
@@ -351,7 +439,18 @@ class RLTrainer:
                 count += 1
         out = {k: v / count for k, v in sums.items()}
         out["skipped_nonfinite"] = sums.get("skipped_nonfinite", 0.0)
+        if len(per_update) > 1:
+            out.update(per_update)
         return out
+
+    def _place_micro(self, micro: Experience) -> Experience:
+        """Micro-batches ``[num_micro, rows, ...]`` sharded over rows (MoE routes ``[num_micro, L, rows, ...]``)."""
+        routes = micro.forced_experts
+        micro = jax.device_put(micro.replace(forced_experts=None), self.batch_spec)
+        if routes is None:
+            return micro
+        route_spec = NamedSharding(self.mesh, P(None, None, ("data", "fsdp")))
+        return micro.replace(forced_experts=jax.device_put(routes, route_spec))
 
     def _update_critic(self, batch: dict, idx, num_micro: int) -> dict:
         c = self.critic

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrl_llm import losses as L
+from jaxrl_llm.losses import exploration as X
 
 __all__ = ["Experience", "LossConfig", "make_update_step", "split_micro", "minibatch_normalizer", "accumulate",
            "apply_if_finite"]
@@ -38,6 +39,7 @@ class Experience:
     ref_logp: jax.Array | None = None  # float32[N, R], only with a KL term in the loss
     is_weights: jax.Array | None = None  # float32[N, R] rollout-correction weights
     forced_experts: jax.Array | None = None  # int32[L, N, P+R, k] recorded MoE routing to replay
+    sampler_logp: jax.Array | None = None  # float32[N, R] the sampler's log-probs (off-policy drift metrics)
 
     @property
     def num_rows(self) -> int:
@@ -55,8 +57,20 @@ class LossConfig:
     dual_clip: float | None = None
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
+    entropy_coef: float = 0.0  # the bonus weight (the starting value when entropy_target is set)
+    entropy_target: float | None = None  # adaptive entropy control: the coefficient is a runtime input
+    entropy_token_frac: float = 1.0  # < 1: only the top fraction of tokens by entropy get policy gradient
     agg_constant: float | None = None  # Dr. GRPO's constant normaliser (e.g. the response-token budget)
+    cov_penalty: str = "none"  # none | clip_cov | kl_cov (arXiv 2505.22617)
+    clip_cov_ratio: float = 2e-4
+    clip_cov_low: float = 1.0
+    clip_cov_high: float = 5.0
+    kl_cov_ratio: float = 2e-3
+    kl_cov_coef: float = 1.0
+
+    @property
+    def entropy_bonus(self) -> bool:
+        return bool(self.entropy_coef) or self.entropy_target is not None
 
     def policy_knobs(self) -> dict[str, Any]:
         knobs: dict[str, Any] = {}
@@ -118,57 +132,109 @@ def apply_if_finite(optimizer: optax.GradientTransformation, grads, params, opt_
 LogprobFn = Callable[[Any, Experience], tuple[jax.Array, jax.Array]]
 
 
+def _token_gates(cfg: LossConfig, logp, entropy, micro: Experience, key, metrics: dict):
+    """Tokens whose policy gradient is stopped (high-entropy-token training, Clip-Cov) and KL-Cov's extra loss
+    per token; fills the selection metrics."""
+    mask = micro.mask.astype(bool)
+    stop = jnp.zeros(mask.shape, bool)
+    extra = None
+    if cfg.entropy_token_frac < 1.0:
+        top = X.top_fraction(jax.lax.stop_gradient(entropy), mask, cfg.entropy_token_frac)
+        stop = stop | (mask & ~top)
+        metrics["pg_tokens"] = top.sum().astype(jnp.float32)
+    if cfg.cov_penalty != "none":
+        cov = X.token_covariance(logp, micro.advantages, mask)
+        n = jnp.maximum(mask.sum(), 1)
+        metrics["cov_mean"] = cov.sum() / n
+        metrics["cov_max"] = jnp.where(mask.any(), jnp.max(jnp.where(mask, cov, -jnp.inf)), 0.0)
+        if cfg.cov_penalty == "clip_cov":
+            ratio = jnp.exp(jax.lax.stop_gradient(logp) - micro.old_logp)
+            adv = micro.advantages
+            ppo_clipped = ((adv > 0) & (ratio > 1 + cfg.clip_high)) | ((adv < 0) & (ratio < 1 - cfg.clip_low))
+            chosen = X.clip_cov_select(cov, mask, key, ratio=cfg.clip_cov_ratio, low=cfg.clip_cov_low,
+                                       high=cfg.clip_cov_high, candidates=~ppo_clipped)
+            stop = stop | chosen
+        else:
+            chosen = X.kl_cov_select(cov, mask, ratio=cfg.kl_cov_ratio)
+            extra = jnp.where(chosen, jnp.abs(logp - micro.old_logp), 0.0)
+        metrics["cov_selected"] = chosen.sum().astype(jnp.float32)
+    return stop, extra
+
+
 def make_update_step(graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig, logprob_fn: LogprobFn):
-    """Build ``update(params, rest, opt_state, micro_batches, normalizer) -> (params, opt_state, metrics)``.
+    """Build ``update(params, rest, opt_state, micro_batches, normalizer, control=None)
+    -> (params, opt_state, metrics)``.
 
     ``logprob_fn(model, experience) -> (logp [n, R], entropy [n, R])`` computes the current policy's per-token
     log-probs and entropies (the sampler-consistent scoring function with the rollout temperature bound in).
+    ``control`` holds per-update runtime values: ``entropy_coef`` (adaptive entropy control) and ``key`` (the
+    PRNG key of Clip-Cov's random choice; folded with the micro-batch index).
     """
     policy_fn = L.get_policy_loss(cfg.policy_loss)
     knobs = cfg.policy_knobs()
 
-    def loss_fn(params, rest, micro: Experience, normalizer):
+    def loss_fn(params, rest, micro: Experience, normalizer, control):
         model = flax.nnx.merge(graphdef, params, rest)
         logp, entropy = logprob_fn(model, micro)
-        loss, metrics = policy_fn(logp, micro.old_logp, micro.advantages, micro.mask, agg=cfg.agg,
-                                  is_weights=micro.is_weights, normalizer=normalizer, **knobs)
-        metrics = dict(metrics)
+        metrics: dict[str, jax.Array] = {}
+        stop, extra = _token_gates(cfg, logp, entropy, micro, control["key"], metrics)
+        loss, policy_metrics = policy_fn(X.gate_gradient(logp, stop), micro.old_logp, micro.advantages,
+                                         micro.mask, agg=cfg.agg, is_weights=micro.is_weights,
+                                         normalizer=normalizer, **knobs)
+        metrics.update(policy_metrics)
         metrics["policy_loss"] = loss
         ent = L.aggregate(entropy, micro.mask, cfg.agg, normalizer=normalizer)
         metrics["entropy"] = ent
-        if cfg.entropy_coef:
-            loss = loss - cfg.entropy_coef * ent
+        if cfg.entropy_bonus:
+            loss = loss - control["entropy_coef"] * ent
+        if extra is not None:
+            kl_cov = L.aggregate(extra, micro.mask, cfg.agg, normalizer=normalizer)
+            metrics["kl_cov_loss"] = kl_cov
+            loss = loss + cfg.kl_cov_coef * kl_cov
         if cfg.kl_coef:
             kl_tok = L.kl(logp, micro.ref_logp, cfg.kl_estimator)
             kl_term = L.aggregate(kl_tok, micro.mask, cfg.agg, normalizer=normalizer)
             metrics["kl_loss"] = kl_term
             loss = loss + cfg.kl_coef * kl_term
+        if micro.sampler_logp is not None:
+            # drift of the policy being updated from the sampler that drew the tokens: k3 estimate of KL(mu || pi)
+            d = jax.lax.stop_gradient(logp) - micro.sampler_logp
+            metrics["offpolicy_kl"] = jnp.sum(jnp.where(micro.mask, jnp.expm1(d) - d, 0.0)) / jnp.maximum(
+                micro.mask.sum(), 1)
         metrics["loss"] = loss
         return loss, metrics
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def update(params, rest, opt_state, micro_batches: Experience, normalizer):
+    def update(params, rest, opt_state, micro_batches: Experience, normalizer, control=None):
+        control = dict(control or {})
+        control.setdefault("entropy_coef", jnp.float32(cfg.entropy_coef))
+        control.setdefault("key", jax.random.key(0))
         weight_total = jnp.maximum(micro_batches.mask.sum(), 1)
+        num_micro = micro_batches.mask.shape[0]
 
-        def micro_grads(micro):
-            (_, metrics), grads = grad_fn(params, rest, micro, normalizer)
+        def micro_grads(xs):
+            micro, i = xs
+            ctl = dict(control, key=jax.random.fold_in(control["key"], i))
+            (_, metrics), grads = grad_fn(params, rest, micro, normalizer, ctl)
             # summed losses already carry the global normaliser; metrics that are per-micro means are
             # re-weighted by each micro-batch's share of the tokens
             share = micro.mask.sum() / weight_total
             return grads, {k: (v if k in _SUMMED else v * share) for k, v in metrics.items()}
 
-        grads, metrics = accumulate(micro_grads, micro_batches)
+        grads, metrics = accumulate(micro_grads, (micro_batches, jnp.arange(num_micro)))
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
         new_params, new_opt_state = apply_if_finite(optimizer, grads, params, opt_state, finite)
         metrics = dict(metrics)
         metrics["grad_norm"] = grad_norm
         metrics["skipped_nonfinite"] = (~finite).astype(jnp.float32)
+        if cfg.entropy_bonus:
+            metrics["entropy_coef"] = jnp.asarray(control["entropy_coef"], jnp.float32)
         return new_params, new_opt_state, metrics
 
     return update
 
 
 # loss terms that are sums over micro-batches (global normaliser); everything else is a per-micro mean
-_SUMMED = frozenset({"loss", "policy_loss", "entropy", "kl_loss"})
+_SUMMED = frozenset({"loss", "policy_loss", "entropy", "kl_loss", "kl_cov_loss", "cov_selected", "pg_tokens"})
