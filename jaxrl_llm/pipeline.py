@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
-__all__ = ["PipelineConfig", "run_pipeline", "load_pipeline_config"]
+__all__ = ["PipelineConfig", "run_pipeline", "load_pipeline_config", "policy_config", "run_sft_stage",
+           "rl_overrides"]
 
 
 @dataclass
@@ -28,6 +29,9 @@ class ModelSpec:
     num_kv_heads: int = 2
     intermediate_size: int = 384
     seed: int = 0
+    num_experts: int = 0  # > 0: every MLP is a mixture of this many experts (a Qwen3-MoE-style policy)
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 256
 
 
 @dataclass
@@ -108,11 +112,14 @@ def policy_config(cfg: PipelineConfig, tok):
     from jaxrl_llm.models import ModelConfig
 
     m = cfg.model
-    return ModelConfig(model_type="qwen3", vocab_size=len(tok), hidden_size=m.hidden_size,
+    moe = dict(num_experts=m.num_experts, num_experts_per_tok=m.num_experts_per_tok,
+               moe_intermediate_size=m.moe_intermediate_size, moe_layers=(True,) * m.num_layers,
+               norm_topk_prob=True) if m.num_experts else {}
+    return ModelConfig(model_type="qwen3_moe" if moe else "qwen3", vocab_size=len(tok), hidden_size=m.hidden_size,
                        intermediate_size=m.intermediate_size, num_layers=m.num_layers, num_heads=m.num_heads,
                        num_kv_heads=m.num_kv_heads, head_dim=m.hidden_size // m.num_heads, qk_norm=True,
                        tie_word_embeddings=True, max_position_embeddings=4 * (cfg.prompt_len + cfg.max_new_tokens),
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **moe)
 
 
 def run_sft_stage(cfg: PipelineConfig, task, tok, out_dir: str, run_dir: str | None):
@@ -132,6 +139,18 @@ def run_sft_stage(cfg: PipelineConfig, task, tok, out_dir: str, run_dir: str | N
     losses = run_sft(model, tok, examples, steps=cfg.sft.steps, batch_size=cfg.sft.batch_size,
                      prompt_len=prompt_len, target_len=target_len, lr=cfg.sft.lr, out_dir=out_dir, run_dir=run_dir)
     return model, losses
+
+
+def rl_overrides(cfg: PipelineConfig, task, tok, sft_dir: str, rl_dir: str, difficulties) -> list[str]:
+    """The RL stage's config overrides: start from the SFT checkpoint, train on ``difficulties``."""
+    # rollouts only as long as the hardest RL problem needs, plus room to ramble (which rewards then judge)
+    rl_prompt_len, rl_target_len = _longest(task, tok, difficulties)
+    return [f"model.path={sft_dir}", f"log.run_dir={rl_dir}",
+            "data.source=task", f"data.max_prompt_tokens={rl_prompt_len}",
+            f"rollout.max_new_tokens={min(cfg.max_new_tokens, rl_target_len + 16)}", f"data.seed={cfg.seed}",
+            f"train.seed={cfg.seed}", "data.task_kwargs=" + json.dumps(
+                {"difficulties": list(difficulties), "max_ops": max(difficulties), "num_problems": 20000,
+                 **dataclasses.asdict(cfg.task)}), "checkpoint.resume=false", *cfg.rl.overrides]
 
 
 def run_pipeline(cfg: PipelineConfig, configs_dir: str) -> str:
@@ -176,15 +195,8 @@ def run_pipeline(cfg: PipelineConfig, configs_dir: str) -> str:
     if not difficulties:  # nothing in the band: take the difficulty closest to pass@1 = 0.5
         difficulties = [min(before, key=lambda d: abs(before[d]["pass@1"] - 0.5))]
     _say(f"3/5 RL ({cfg.rl.preset}) on the edge of competence: difficulties {difficulties}")
-    # rollouts only as long as the hardest RL problem needs, plus room to ramble (which rewards then judge)
-    rl_prompt_len, rl_target_len = _longest(task, tok, difficulties)
-    overrides = [f"model.path={sft_dir}", f"log.run_dir={os.path.join(run_dir, 'rl')}",
-                 "data.source=task", f"data.max_prompt_tokens={rl_prompt_len}",
-                 f"rollout.max_new_tokens={min(cfg.max_new_tokens, rl_target_len + 16)}", f"data.seed={cfg.seed}",
-                 f"train.seed={cfg.seed}", "data.task_kwargs=" + json.dumps(
-                     {"difficulties": difficulties, "max_ops": max(difficulties), "num_problems": 20000,
-                      **dataclasses.asdict(cfg.task)}), "checkpoint.resume=false", *cfg.rl.overrides]
-    rl_cfg = load_config(os.path.join(configs_dir, f"{cfg.rl.preset}.yaml"), overrides)
+    rl_cfg = load_config(os.path.join(configs_dir, f"{cfg.rl.preset}.yaml"),
+                         rl_overrides(cfg, task, tok, sft_dir, os.path.join(run_dir, "rl"), difficulties))
     trainer = RLTrainer(rl_cfg)
     try:
         trainer.train()

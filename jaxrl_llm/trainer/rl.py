@@ -21,10 +21,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrl_llm import advantages as A
 from jaxrl_llm import losses as L
-from jaxrl_llm.losses import exploration as X
 from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.config import TrainConfig, save_config, validate
 from jaxrl_llm.data import PromptStream, load_rows, tokenize_prompts
+from jaxrl_llm.distributed import host
+from jaxrl_llm.losses import exploration as X
 from jaxrl_llm.metrics import mean_pass_at_k
 from jaxrl_llm.models import load_hf, save_hf
 from jaxrl_llm.parallel import make_mesh
@@ -53,7 +54,7 @@ def trim_responses(ro: Rollout, multiple: int = 16) -> Rollout:
     compilations): scoring and updates then pay for the tokens sampled rather than the whole budget. Causal
     attention makes the cut invisible to the kept tokens."""
     r = ro.tokens.shape[1]
-    longest = int(np.max(np.asarray(ro.lengths))) if ro.lengths.size else 0
+    longest = int(np.max(host(ro.lengths))) if ro.lengths.size else 0
     keep = min(r, max(multiple, -(-longest // multiple) * multiple))
     if keep == r:
         return ro
@@ -135,9 +136,10 @@ class RLTrainer:
         # unembedding receive gradient)
         self._update_bupo = jit_update(a.bupo_layer) if a.bupo_steps else None
         self.critic = self._build_critic() if a.advantage == "gae" else None
+        # every process reads the same global batch of prompts (and computes the same rewards); the jitted
+        # sampler, scoring and update shard the work over the whole mesh
         self.stream = PromptStream(load_rows(cfg.data), t.prompts_per_step, seed=cfg.data.seed,
-                                   shuffle=cfg.data.shuffle, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
+                                   shuffle=cfg.data.shuffle)
         self.reward_fns = [(s.name, get_reward(s.name, **s.kwargs), s.weight) for s in cfg.reward.fns]
         self.key = jax.random.key(t.seed)
         self.step = 0
@@ -233,8 +235,11 @@ class RLTrainer:
         return nnx.merge(self.graphdef, self.params, self.rest)
 
     def export_hf(self, path: str | None = None) -> str:
+        """Write the policy as a Hugging Face checkpoint (called by every process; process 0 writes)."""
         path = path or os.path.join(self.run_dir, "hf")
-        save_hf(self.model(), path, tokenizer=self.tokenizer)
+        params = jax.tree.map(host, self.params) if jax.process_count() > 1 else self.params
+        if self.is_main:
+            save_hf(nnx.merge(self.graphdef, params, self.rest), path, tokenizer=self.tokenizer)
         return path
 
     # ---- one step ----------------------------------------------------------------------------------------
@@ -247,7 +252,7 @@ class RLTrainer:
         state = nnx.merge_state(self.params, self.rest)
         ro = self.sampler.generate(state, ids, mask, self.sampling, sub)
         n = cfg.rollout.n
-        tokens, lengths = np.asarray(ro.tokens), np.asarray(ro.lengths)
+        tokens, lengths = host(ro.tokens), host(ro.lengths)
         completions = self.tokenizer.batch_decode([tokens[i, :lengths[i]] for i in range(len(lengths))],
                                                   skip_special_tokens=True)
         prompts = [row["prompt"] for row in rows for _ in range(n)]
@@ -342,12 +347,12 @@ class RLTrainer:
                 kl_penalty = -a.kl_coef * kl_tok
         if a.overlong_penalty:
             rewards = rewards + np.asarray(A.overlong_penalty(
-                np.asarray(ro.lengths), max_len=cfg.rollout.max_new_tokens, cache_len=a.overlong_cache))
+                host(ro.lengths), max_len=cfg.rollout.max_new_tokens, cache_len=a.overlong_cache))
         # token-level credit (gae, reinforce_pp) puts the outcome on the last token and the KL on every token
         token_rewards = token_level_rewards(rewards, ro.mask, kl_penalty) if a.advantage in ("gae", "reinforce_pp") \
             else None
         if kl_penalty is not None:  # the sequence reward trained on (and logged) includes the KL penalty
-            rewards = rewards + np.asarray(jnp.sum(kl_penalty, axis=1))
+            rewards = rewards + host(jnp.sum(kl_penalty, axis=1))
         critic_batch = None
         if a.advantage == "gae":
             c = self.critic
@@ -390,7 +395,7 @@ class RLTrainer:
         metrics.update(extra)
         metrics.update(times)
         total_time = sum(times.values())
-        tokens = float(np.asarray(ro.mask).sum() + np.asarray(ro.prompt_mask).sum())
+        tokens = float(jnp.sum(ro.mask) + jnp.sum(ro.prompt_mask))
         metrics["tokens_per_sec"] = tokens / total_time
         # 6 N FLOPs per trained token (forward + backward) + 2 N per sampled/scored token
         flops = (6 * self.model_cfg.num_params() * tokens * a.ppo_epochs + 4 * self.model_cfg.num_params() * tokens)
@@ -404,7 +409,7 @@ class RLTrainer:
         if self.cfg.log.layer_entropy:
             ents = layer_entropies(self.graphdef, state, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
                                    temperature=self.cfg.rollout.temperature, chunk=self.cfg.train.logprob_chunk)
-            out.update({f"layer_entropy/{i}": float(e) for i, e in enumerate(np.asarray(ents))})
+            out.update({f"layer_entropy/{i}": float(e) for i, e in enumerate(host(ents))})
         if ro.experts is not None:
             out["routing_agreement"] = float(routing_agreement(self.graphdef, state, ro.prompt_ids, ro.prompt_mask,
                                                                ro.tokens, ro.mask, ro.experts))
@@ -462,7 +467,7 @@ class RLTrainer:
 
     def _rollout_metrics(self, ro: Rollout, rewards: np.ndarray, per_fn: dict) -> dict[str, float]:
         n = self.cfg.rollout.n
-        lengths = np.asarray(ro.lengths)
+        lengths = host(ro.lengths)
         first = next(iter(per_fn.values()))
         correct = (first > 0).reshape(-1, n)
         ks = sorted({1, n} | {k for k in (2, 4, 8, 16) if k <= n})
@@ -471,7 +476,7 @@ class RLTrainer:
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
             "accuracy": float(correct.mean()),
             "response_length_mean": float(lengths.mean()), "response_length_max": float(lengths.max()),
-            "response_clipped_frac": float((np.asarray(ro.finish_reason) == 1).mean()),
+            "response_clipped_frac": float((host(ro.finish_reason) == 1).mean()),
         })
         for name, v in per_fn.items():
             out[f"reward/{name}"] = float(v.mean())
@@ -501,9 +506,10 @@ class RLTrainer:
             self.save()
         self.checkpointer.wait()
         logger.close()
-        if cfg.checkpoint.export_hf and self.is_main:
+        if cfg.checkpoint.export_hf:
             path = self.export_hf()
-            print(f"[jaxrl_llm] policy exported to {path}")
+            if self.is_main:
+                print(f"[jaxrl_llm] policy exported to {path}")
         return last
 
     def close(self) -> None:
