@@ -103,6 +103,8 @@ class RolloutSection:
     consistency: str = "default"  # default | exact (sampler log-probs bitwise equal to the trainer's)
     sampler_dtype: str | None = None  # e.g. bfloat16 to sample in lower precision than model.dtype
     routing_replay: bool = False  # MoE: the trainer replays the experts the sampler chose for every token
+    sampler_devices: int = 0  # > 0: disaggregated, the last N devices sample and the others train
+    async_rollout: bool = False  # sample step k+1 while step k trains (one step off-policy)
 
 
 @dataclass
@@ -436,6 +438,14 @@ def _check_rollout(cfg: TrainConfig) -> None:
     _require(0 <= r.min_p < 1, "rollout.min_p", f"must be in [0, 1), got {r.min_p}")
     _require(r.top_k >= 0, "rollout.top_k", f"must be >= 0 (0 disables), got {r.top_k}")
     _choice(r.consistency, "rollout.consistency", CONSISTENCY)
+    _require(r.sampler_devices >= 0, "rollout.sampler_devices", f"must be >= 0, got {r.sampler_devices}")
+    if r.consistency == "exact":
+        _require(not r.async_rollout, "rollout.async_rollout",
+                 "exact consistency needs the sampler's weights to be the trainer's; async rollouts are one step "
+                 "stale (use rollout.consistency=default, and algorithm.rollout_is to correct the staleness)")
+        _require(not r.sampler_devices, "rollout.sampler_devices",
+                 "exact consistency is checked on one set of devices; disaggregated sampling needs "
+                 "rollout.consistency=default")
     if r.sampler_dtype is not None:
         _choice(r.sampler_dtype, "rollout.sampler_dtype", DTYPES)
         _require(r.consistency == "default" or r.sampler_dtype == cfg.model.dtype, "rollout.sampler_dtype",

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrl_llm.distributed import host
 from jaxrl_llm.losses import entropy_from_logits
 from jaxrl_llm.models import Decoder, init_cache, left_pad_positions
 from jaxrl_llm.sampling.filters import SamplingParams, sample_tokens
@@ -201,7 +202,7 @@ class Sampler:
         b, p = prompt_ids.shape
         if b == 0 or p == 0:
             raise ValueError("empty batch of prompts")
-        lengths = jax.device_get(prompt_mask.sum(axis=1))
+        lengths = host(prompt_mask.sum(axis=1))  # gathered when the rows span processes
         if (lengths == 0).any():
             raise ValueError(f"empty prompt at row(s) {[int(i) for i in (lengths == 0).nonzero()[0]]}")
         if not bool(jax.device_get(prompt_mask[:, -1].all())):

@@ -8,9 +8,12 @@ interrupted run continues exactly as an uninterrupted one would.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -75,6 +78,35 @@ def _take_rows(ro: Rollout, idx: np.ndarray) -> Rollout:
     return jax.tree.map(take, ro)
 
 
+def _place_rows(tree, mesh):
+    """Shard the row axis of every leaf over the mesh's data-parallel axes (axis 1 of MoE routes
+    ``[L, N, T, k]``); left as is when the rows do not divide."""
+    rows_axes = ("data", "fsdp")
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    def place(x):
+        row_axis = 1 if getattr(x, "ndim", 0) == 4 else 0
+        if getattr(x, "ndim", 0) == 0 or x.shape[row_axis] % ways:
+            return x
+        spec = P(*([None] * row_axis), rows_axes)
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(place, tree)
+
+
+def _split_devices(cfg: TrainConfig, devices: list) -> tuple[list, list]:
+    """(trainer devices, sampler devices): the last ``rollout.sampler_devices`` devices sample in disaggregated
+    mode."""
+    k = cfg.rollout.sampler_devices
+    if not k:
+        return devices, []
+    if not 0 < k < len(devices):
+        raise ValueError(f"rollout.sampler_devices={k} must leave devices for training (there are {len(devices)})")
+    if jax.process_count() > 1:
+        raise ValueError("rollout.sampler_devices (disaggregated sampling) is single-process for now")
+    return devices[:-k], devices[-k:]
+
+
 def _take_experience(exp: Experience, idx) -> Experience:
     routes = exp.forced_experts  # [L_moe, N, T, k]: rows are on axis 1
     part = jax.tree.map(lambda x: x[idx], exp.replace(forced_experts=None))
@@ -86,11 +118,17 @@ class RLTrainer:
 
     def __init__(self, cfg: TrainConfig, devices=None):
         devices = list(jax.devices() if devices is None else devices)
+        devices, sampler_devices = _split_devices(cfg, devices)
         validate(cfg, device_count=len(devices))
         self.cfg = cfg
         self.is_main = jax.process_index() == 0
         self.run_dir = cfg.log.run_dir
         self.mesh = make_mesh(dataclasses.asdict(cfg.mesh), devices)
+        # disaggregated mode: the sampler has devices of its own and receives the weights after every update
+        self.sampler_mesh = make_mesh({"data": -1}, sampler_devices) if sampler_devices else None
+        self._pending = None  # the next step's rollouts, sampled in the background (rollout.async_rollout)
+        self._executor = ThreadPoolExecutor(max_workers=1) if cfg.rollout.async_rollout else None
+        self._device_lock = threading.Lock() if self._executor and not self.sampler_mesh else None
         model, self.model_cfg = self._load_model()
         self.tokenizer = load_tokenizer(cfg.model.path)
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
@@ -244,15 +282,40 @@ class RLTrainer:
 
     # ---- one step ----------------------------------------------------------------------------------------
 
-    def _rollout(self, rows: list[dict]):
+    def _sampler_state(self):
+        """The policy weights as the sampler will read them: resharded onto the sampler's devices in
+        disaggregated mode, and a copy in async mode (the next update donates the live buffers)."""
+        state = nnx.merge_state(self.params, self.rest)
+        if self.sampler_mesh is not None:
+            return jax.device_put(state, NamedSharding(self.sampler_mesh, P()))
+        if self._executor is not None:
+            return jax.tree.map(jnp.copy, state)
+        return state
+
+    def _next_rollouts(self):
+        """This step's rollouts. Async mode samples the next step's while this one trains, from the weights
+        before this step's update (one step off-policy); the first step samples synchronously."""
+        if self._executor is None:
+            return self._collect(self._sampler_state())
+        if self._pending is None:
+            self._pending = self._executor.submit(self._collect, self._sampler_state())
+        collected = self._pending.result()
+        self._pending = self._executor.submit(self._collect, self._sampler_state())
+        return collected
+
+    def _rollout(self, rows: list[dict], state):
         cfg = self.cfg
         ids, mask = tokenize_prompts(self.tokenizer, [r["prompt"] for r in rows], cfg.data.max_prompt_tokens,
                                      chat_template=cfg.data.chat_template)
         self.key, sub = jax.random.split(self.key)
-        state = nnx.merge_state(self.params, self.rest)
-        ro = self.sampler.generate(state, ids, mask, self.sampling, sub)
+        # prompts split over the data-parallel devices, so each samples its share instead of all of them
+        with self._device_turn():
+            ids, mask = _place_rows((ids, mask), self.sampler_mesh or self.mesh)
+            ro = self.sampler.generate(state, ids, mask, self.sampling, sub)
+            if self.sampler_mesh is not None:  # back to the trainer's devices
+                ro = _place_rows(ro, self.mesh)
+            tokens, lengths = host(ro.tokens), host(ro.lengths)
         n = cfg.rollout.n
-        tokens, lengths = host(ro.tokens), host(ro.lengths)
         completions = self.tokenizer.batch_decode([tokens[i, :lengths[i]] for i in range(len(lengths))],
                                                   skip_special_tokens=True)
         prompts = [row["prompt"] for row in rows for _ in range(n)]
@@ -262,19 +325,20 @@ class RLTrainer:
                                                  timeout=cfg.reward.timeout)
         return ro, rewards, per_fn, stats, completions
 
-    def _collect(self):
+    def _collect(self, state):
         """Rollouts for one step; with dynamic sampling, resample until enough groups are informative."""
         a, n, g = self.cfg.algorithm, self.cfg.rollout.n, self.cfg.train.prompts_per_step
         parts, tries = [], 0
         while True:
             tries += 1
-            parts.append(self._rollout(self.stream.next_batch()))
+            parts.append(self._rollout(self.stream.next_batch(), state))
             if not a.dynamic_sampling:
                 break
             informative = sum(int(A.informative_groups(p[1].reshape(-1, n)).sum()) for p in parts)
             if informative >= g or tries >= a.max_sampling_tries:
                 break
-        ro = _concat_rollouts([p[0] for p in parts])
+        with self._device_turn():
+            ro = _concat_rollouts([p[0] for p in parts])
         rewards = np.concatenate([p[1] for p in parts])
         per_fn = {k: np.concatenate([p[2][k] for p in parts]) for k in parts[0][2]}
         stats = {k: sum(p[3][k] for p in parts) for k in parts[0][3]}
@@ -285,7 +349,9 @@ class RLTrainer:
             order = np.concatenate([np.flatnonzero(info), np.flatnonzero(~info)])[:g]
             extra["dynamic_fill_rate"] = float(min(info.sum(), g) / g)
             rows = (order[:, None] * n + np.arange(n)[None]).reshape(-1)
-            ro, rewards = _take_rows(ro, rows), rewards[rows]
+            with self._device_turn():
+                ro = _take_rows(ro, rows)
+            rewards = rewards[rows]
             per_fn = {k: v[rows] for k, v in per_fn.items()}
         return ro, rewards, per_fn, stats, extra
 
@@ -311,11 +377,24 @@ class RLTrainer:
                                            gamma_neg=a.ds_gamma_neg)
         return A.broadcast_over_tokens(adv, mask)
 
+    def _device_turn(self):
+        """Async rollouts on the trainer's own devices take turns with the update for the devices: two threads
+        interleaving multi-device programs could run them in different orders on different devices and deadlock
+        in a collective. Host work (tokenising, decoding, rewards) still overlaps device work."""
+        return self._device_lock if self._device_lock is not None else contextlib.nullcontext()
+
     def train_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        collected = self._next_rollouts()
+        with self._device_turn():
+            return self._train_on(collected, t0)
+
+    def _train_on(self, collected, t0: float) -> dict[str, float]:
         cfg, a = self.cfg, self.cfg.algorithm
         times = {}
-        t0 = time.perf_counter()
-        ro, rewards, per_fn, rstats, extra = self._collect()
+        ro, rewards, per_fn, rstats, extra = collected
+        if self._executor is not None:
+            extra = dict(extra, rollout_staleness=float(self.step > 0))  # updates between sampling and training
         if cfg.rollout.consistency != "exact":  # exact mode replays the sampler's own shapes
             ro = trim_responses(ro)
         jax.block_until_ready(ro.tokens)
@@ -513,6 +592,9 @@ class RLTrainer:
         return last
 
     def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)  # lets an in-flight rollout finish; its result is dropped
+            self._pending = None
         self.checkpointer.close()
 
 
