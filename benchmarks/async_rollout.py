@@ -36,15 +36,11 @@ if ARGS is not None:  # fake devices must be requested before JAX starts
 
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from grpo_step import CONFIGS, NEW, N, PROMPT_LEN, PROMPTS, build_model  # noqa: E402
-
-from jaxrl_llm.config import load_config  # noqa: E402
-from jaxrl_llm.trainer.rl import RLTrainer  # noqa: E402
+from grpo_step import NEW, N, PROMPTS, build_model, time_jaxrl  # noqa: E402
 
 WARMUP = 2
 MODES = {
@@ -58,22 +54,8 @@ MODES = {
 
 def seconds_per_step(model_dir: str, run_dir: str, steps: int, extra: list[str]) -> float:
     half = jax.device_count() // 2
-    cfg = load_config(os.path.join(CONFIGS, "grpo.yaml"), [
-        f"model.path={model_dir}", f"log.run_dir={run_dir}", "data.source=task",
-        "data.task_kwargs={max_ops: 3, num_problems: 2000}", f"data.max_prompt_tokens={PROMPT_LEN}",
-        f"rollout.n={N}", f"rollout.max_new_tokens={NEW}", f"train.prompts_per_step={PROMPTS}",
-        f"train.micro_batch_size={PROMPTS * N // half}", "train.lr=1e-5", f"train.steps={steps}",
-        "log.progress=false", "log.tensorboard=false", "checkpoint.export_hf=false", "checkpoint.async_save=false",
-        *[e.format(half=half) for e in extra]])
-    trainer = RLTrainer(cfg)
-    times = []
-    try:
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            trainer.train_step()
-            times.append(time.perf_counter() - t0)
-    finally:
-        trainer.close()
+    times = time_jaxrl(model_dir, run_dir, steps, tuple(e.format(half=half) for e in extra),
+                       devices=jax.devices(), micro_batch=PROMPTS * N // half)
     return statistics.median(times[WARMUP:])
 
 

@@ -160,7 +160,7 @@ def run_pipeline(cfg: PipelineConfig, configs_dir: str) -> str:
     from jaxrl_llm.tasks import ArithTask
     from jaxrl_llm.tokenizer import build_char_tokenizer
     from jaxrl_llm.tracking import read_jsonl
-    from jaxrl_llm.trainer.rl import RLTrainer
+    from jaxrl_llm.trainer.rl import train
 
     start = time.perf_counter()
     run_dir = os.path.abspath(cfg.run_dir)
@@ -197,12 +197,7 @@ def run_pipeline(cfg: PipelineConfig, configs_dir: str) -> str:
     _say(f"3/5 RL ({cfg.rl.preset}) on the edge of competence: difficulties {difficulties}")
     rl_cfg = load_config(os.path.join(configs_dir, f"{cfg.rl.preset}.yaml"),
                          rl_overrides(cfg, task, tok, sft_dir, os.path.join(run_dir, "rl"), difficulties))
-    trainer = RLTrainer(rl_cfg)
-    try:
-        trainer.train()
-        policy = trainer.model()
-    finally:
-        trainer.close()
+    _, policy = train(rl_cfg, return_model=True)
     _say("4/5 evaluating the RL policy on held-out problems")
     after = evaluate(policy, "rl")
     _say("5/5 writing the report")

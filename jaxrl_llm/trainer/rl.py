@@ -610,9 +610,11 @@ def _explained_variance(values, returns, mask):
     return 1.0 - var(returns - values) / jnp.maximum(var(returns), 1e-8)
 
 
-def train(cfg: TrainConfig) -> dict[str, float]:
+def train(cfg: TrainConfig, *, return_model: bool = False):
+    """Run one RL training to the end; the final metrics (and the trained policy with ``return_model``)."""
     trainer = RLTrainer(cfg)
     try:
-        return trainer.train()
+        metrics = trainer.train()
+        return (metrics, trainer.model()) if return_model else metrics
     finally:
         trainer.close()
