@@ -297,11 +297,13 @@ class RLTrainer:
         before this step's update (one step off-policy); the first step samples synchronously."""
         if self._executor is None:
             return self._collect(self._sampler_state())
-        if self._pending is None:
+        stale = self._pending is not None  # the first step (and the first after a resume) samples in sync
+        if not stale:
             self._pending = self._executor.submit(self._collect, self._sampler_state())
-        collected = self._pending.result()
+        ro, rewards, per_fn, stats, extra = self._pending.result()
         self._pending = self._executor.submit(self._collect, self._sampler_state())
-        return collected
+        # updates between the weights that sampled and the weights that train
+        return ro, rewards, per_fn, stats, dict(extra, rollout_staleness=float(stale))
 
     def _rollout(self, rows: list[dict], state):
         cfg = self.cfg
@@ -393,8 +395,6 @@ class RLTrainer:
         cfg, a = self.cfg, self.cfg.algorithm
         times = {}
         ro, rewards, per_fn, rstats, extra = collected
-        if self._executor is not None:
-            extra = dict(extra, rollout_staleness=float(self.step > 0))  # updates between sampling and training
         if cfg.rollout.consistency != "exact":  # exact mode replays the sampler's own shapes
             ro = trim_responses(ro)
         jax.block_until_ready(ro.tokens)
