@@ -5,6 +5,7 @@
     jaxrl-llm sft --out DIR [key=value ...]                           SFT stage of the main job only
     jaxrl-llm eval --model DIR [--difficulties 1 2 3] [--n 16]        held-out pass@k on the arithmetic task
     jaxrl-llm demo                                                    a 30-second GRPO demonstration
+    jaxrl-llm plan --config C --mesh fsdp=8 --accelerator h100        will the run fit? (ahead-of-time memory plan)
 
 Commands import their heavy dependencies lazily so ``jaxrl-llm --help`` is instant.
 """
@@ -25,6 +26,10 @@ def _demo(args) -> int:
 
 
 def _train(args) -> int:
+    from jaxrl_llm.distributed import initialize
+
+    # before any JAX backend starts: joins a multi-process run when flags or the environment describe one
+    initialize(args.coordinator, args.num_processes, args.process_id, timeout=args.init_timeout)
     from jaxrl_llm.config import ConfigError, load_config
     from jaxrl_llm.trainer.rl import train
 
@@ -34,7 +39,10 @@ def _train(args) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     metrics = train(cfg)
-    print(json.dumps({k: round(v, 6) for k, v in metrics.items()}, indent=1))
+    import jax
+
+    if jax.process_index() == 0:
+        print(json.dumps({k: round(v, 6) for k, v in metrics.items()}, indent=1))
     return 0
 
 
@@ -74,6 +82,16 @@ def _eval(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from jaxrl_llm.plan import PlanError, run_cli
+
+    try:
+        return run_cli(args)
+    except PlanError as err:
+        print(f"plan error: {err}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxrl-llm", description="JAX-native reinforcement learning for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="RL training from a YAML config")
     p.add_argument("--config", required=True)
+    p.add_argument("--coordinator", help="host:port of process 0 for a multi-process run (or JAXRL_COORDINATOR); "
+                                         "SLURM and TPU slices are detected without it")
+    p.add_argument("--num-processes", type=int, help="processes in the run (or JAXRL_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="this process's rank (or JAXRL_PROCESS_ID)")
+    p.add_argument("--init-timeout", type=int, default=300, help="seconds to wait for the other processes")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=_train)
 
@@ -110,6 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a short GRPO demonstration on a toy objective")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("plan", help="ahead-of-time per-device memory plan of an RL config on a target mesh")
+    p.add_argument("--config", help="RL config YAML (as for train)")
+    p.add_argument("--mesh", help="target mesh, e.g. data=1,fsdp=8,tensor=8 (default: the config's mesh)")
+    p.add_argument("--devices", type=int, help="device count of the target (default: the mesh's product)")
+    p.add_argument("--accelerator", help="tpu-v5e | tpu-v5p | tpu-v6e | h100 | h200 | a100-80g | cpu")
+    p.add_argument("--model-config", help="config.json, checkpoint directory or preset (qwen3-8b, qwen3-1.7b, ...); "
+                                          "default: model.path")
+    p.add_argument("--analytic", action="store_true", help="formula estimate only, no compilation")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds for compiling on fake CPU devices")
+    p.add_argument("--backend", choices=("auto", "local", "cpu"), default="auto",
+                   help="compile on this process's devices (local) or on fake CPU devices in a subprocess (cpu)")
+    p.add_argument("--mem-fraction", type=float, help="usable fraction of HBM (default: 1 on TPU, 0.75 on GPU)")
+    p.add_argument("--no-suggest", action="store_true", help="do not re-evaluate suggestions when it does not fit")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.set_defaults(func=_plan)
     return parser
 
 

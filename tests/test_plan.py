@@ -1,0 +1,191 @@
+"""`jaxrl-llm plan`: the planner's figures against the real trainer's arrays and XLA's analysis of its programs."""
+import importlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxrl_llm import cli
+from jaxrl_llm import plan as planner
+from jaxrl_llm.config import load_config
+from jaxrl_llm.models import Decoder, ModelConfig, save_hf
+from jaxrl_llm.tokenizer import build_char_tokenizer
+from jaxrl_llm.trainer.rl import RLTrainer
+
+score_module = importlib.import_module("jaxrl_llm.sampling.score")  # the package exports a function `score`
+GRPO = os.path.join(os.path.dirname(__file__), "..", "configs", "grpo.yaml")
+MESH = "data=1,fsdp=4,tensor=2"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Qwen3-style checkpoint: hidden 64, 2 layers, vocabulary 256."""
+    path = str(tmp_path_factory.mktemp("plan_model"))
+    tok = build_char_tokenizer()
+    cfg = ModelConfig(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))  # weights from numpy: no init programs to compile
+    rng = np.random.default_rng(0)
+    for _, var in nnx.to_flat_state(nnx.state(model)):
+        var.set_value(jax.numpy.asarray(rng.normal(0.0, 0.02, var.get_value().shape), np.float32))
+    save_hf(model, path, tokenizer=tok)
+    return path
+
+
+def _overrides(model_dir, run_dir):
+    # max_new_tokens=16: the trainer trims responses to a multiple of 16, so its update sees the planned shapes
+    return [f"model.path={model_dir}", f"log.run_dir={run_dir}", "train.steps=1", "train.prompts_per_step=8",
+            "rollout.n=4", "rollout.max_new_tokens=16", "data.max_prompt_tokens=40", "train.micro_batch_size=8",
+            "algorithm.minibatches=2", "data.task_kwargs={num_problems: 64, max_ops: 2}", "log.tensorboard=false",
+            "log.progress=false", "checkpoint.async_save=false", "checkpoint.export_hf=false"]
+
+
+def _device0_bytes(tree) -> int:
+    d0 = jax.devices()[0]
+    return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == d0)
+
+
+def _spy(fn, record: list, static: int = 0):
+    """Wrap a jitted function (``static`` leading static arguments, static keywords): record XLA's memory
+    analysis of each call and run the very executable it describes."""
+    def wrapper(*args, **kwargs):
+        compiled = fn.lower(*args, **kwargs).compile()
+        record.append(planner.ProgramMemory.of(compiled))
+        return compiled(*args[static:])
+    return wrapper
+
+
+@pytest.fixture(scope="module")
+def measured(model_dir, tmp_path_factory):
+    """One real training step of the trainer on the 8-device mesh, with its programs' memory analyses, and the
+    plan of the same config (compiled on 8 fake devices in a subprocess)."""
+    run_dir = tmp_path_factory.mktemp("plan_run")
+    overrides = _overrides(model_dir, run_dir)
+    mesh = dict(zip(planner.MESH_AXES, (1, 4, 2, 1)))
+    cfg = load_config(GRPO, overrides + [f"mesh.{k}={v}" for k, v in mesh.items()])
+    # the plan compiles in a subprocess meanwhile (the thread only waits for it)
+    planning = ThreadPoolExecutor(1).submit(planner.plan, GRPO, overrides, mesh=MESH, accelerator="tpu-v5e",
+                                            backend="cpu")
+    trainer = RLTrainer(cfg)
+    update, generate, scoring = [], [], []
+    trainer._update = _spy(trainer._update, update)
+    trainer.sampler._generate = _spy(trainer.sampler._generate, generate, static=1)
+    original_score = score_module._score
+    score_module._score = _spy(original_score, scoring, static=1)
+    try:
+        resident = {"params": _device0_bytes(trainer.params), "opt_state": _device0_bytes(trainer.opt_state)}
+        trainer.train_step()
+    finally:
+        score_module._score = original_score
+        trainer.close()
+    return dict(resident, update=update[0], generate=generate[0], score=scoring[0], report=planning.result())
+
+
+def test_params_and_optimizer_match_the_trainers_arrays(measured):
+    report = measured["report"]
+    assert report.backend == "8 fake CPU devices"
+    c, a = report.compiled, report.analytic
+    assert c.params == measured["params"]
+    assert c.opt_state == measured["opt_state"]
+    assert abs(a.params - measured["params"]) <= 0.1 * measured["params"]  # norms are replicated, not split
+
+
+def test_phase_peaks_match_xla_analysis_of_the_trainers_programs(measured):
+    c = measured["report"].compiled
+    params, opt = measured["params"], measured["opt_state"]
+    update = measured["update"].peak
+    sampling = params + opt + measured["generate"].peak - params  # the sampler's arguments include the params
+    scoring = params + opt + measured["score"].peak - params
+    expected = {"update": update, "sampling": sampling, "scoring": scoring}
+    for phase, value in expected.items():
+        assert abs(c.phases[phase] - value) <= 0.1 * value, (phase, c.phases[phase], value)
+    assert abs(c.total - max(expected.values())) <= 0.1 * max(expected.values())
+    # the update's temporaries (gradients, activations) on their own, not just the sum
+    assert abs(c.update_temp - measured["update"].temp) <= 0.1 * measured["update"].temp
+
+
+def test_analytic_kv_cache_formula():
+    cfg = load_config(GRPO, ["model.path=qwen3-8b", "train.prompts_per_step=16", "rollout.n=8",
+                             "data.max_prompt_tokens=512", "rollout.max_new_tokens=1536", "model.dtype=bfloat16",
+                             "train.micro_batch_size=16"])
+    mc = planner.resolve_model("qwen3-8b")
+    assert abs(mc.num_params() - 8.19e9) < 0.01e9  # Qwen3-8B
+    sizes = dict(data=1, fsdp=8, tensor=1, expert=1)
+    a = planner.analytic_plan(cfg, mc, sizes)
+    assert a.kv_cache == 36 * 2 * (128 // 8) * 2048 * 8 * 128 * 2  # layers x (k, v) x rows/8 x slots x kv x hd x 2B
+    assert a.params == mc.num_params() * 4 // 8 and a.opt_state == 2 * a.params
+    a4 = planner.analytic_plan(cfg, mc, dict(sizes, tensor=4))  # 8 KV heads split 4 ways, parameters too
+    assert a4.kv_cache * 4 == a.kv_cache and a4.params * 4 == a.params
+
+
+def test_analytic_disaggregated_and_async_sampling():
+    base = ["model.path=qwen3-8b", "train.prompts_per_step=16", "rollout.n=8", "train.micro_batch_size=16",
+            "model.dtype=bfloat16"]
+    mc = planner.resolve_model("qwen3-8b")
+    sizes = dict(data=1, fsdp=8, tensor=1, expert=1)
+    same = planner.analytic_plan(load_config(GRPO, base), mc, sizes)
+    # 4 devices of their own: each holds all the weights (replicated) and the KV cache of a quarter of the rows
+    own = planner.analytic_plan(load_config(GRPO, base + ["rollout.sampler_devices=4"]), mc, sizes)
+    assert own.sample_io == mc.num_params() * 4 and own.kv_cache == same.kv_cache * 8 // 4
+    assert own.phases["sampling"] == own.sample_temp + own.sample_io  # nothing of the trainer's
+    assert own.phases["update"] == same.phases["update"]
+    # async on the trainer's devices: the next rollout's copy of the weights stays resident
+    copy = planner.analytic_plan(load_config(GRPO, base + ["rollout.async_rollout=true"]), mc, sizes)
+    assert copy.phases["update"] == same.phases["update"] + same.params
+    with pytest.raises(planner.PlanError, match=r"has 8 devices \+ 4 sampler devices .* but --devices is 8"):
+        planner.resolve_mesh(sizes, 8, 4)
+
+
+def test_mesh_that_does_not_match_the_devices_is_a_clear_error(model_dir, tmp_path):
+    with pytest.raises(planner.PlanError, match="has 8 devices but --devices is 16"):
+        planner.plan(GRPO, _overrides(model_dir, tmp_path), mesh=MESH, devices=16, analytic_only=True)
+    with pytest.raises(planner.PlanError, match="the mesh needs 16 devices, this process has 8"):
+        planner.plan(GRPO, _overrides(model_dir, tmp_path) + ["train.micro_batch_size=16"], mesh="fsdp=16",
+                     backend="local")
+    with pytest.raises(planner.PlanError, match="unknown axis 'pipeline'"):
+        planner.parse_mesh("pipeline=2")
+
+
+def test_unknown_accelerator_is_a_clear_error(model_dir, tmp_path, capsys):
+    with pytest.raises(planner.PlanError, match="unknown accelerator 'tpu-v9'; known: tpu-v5e"):
+        planner.plan(GRPO, _overrides(model_dir, tmp_path), mesh=MESH, accelerator="tpu-v9")
+    code = cli.main(["plan", "--config", GRPO, "--mesh", MESH, "--accelerator", "tpu-v9",
+                     *_overrides(model_dir, tmp_path)])
+    assert code == 2 and "plan error: unknown accelerator 'tpu-v9'" in capsys.readouterr().err
+
+
+def test_cli_prints_the_plan_and_its_verdict(model_dir, tmp_path, capsys):
+    args = ["plan", "--config", GRPO, "--mesh", "fsdp=8", "--model-config", "qwen3-8b", "--analytic", "--json",
+            "--accelerator", "h100", "model.dtype=bfloat16", "train.micro_batch_size=16", "rollout.n=8",
+            "train.prompts_per_step=16", "data.max_prompt_tokens=512", "rollout.max_new_tokens=1536"]
+    code = cli.main(args)
+    out = json.loads(capsys.readouterr().out)
+    cfg = load_config(GRPO, ["model.path=qwen3-8b", "mesh.data=1", "mesh.fsdp=8"] + args[-6:])
+    expected = planner.analytic_plan(cfg, planner.resolve_model("qwen3-8b"), dict(data=1, fsdp=8, tensor=1, expert=1))
+    assert out["analytic"]["params"] == expected.params == 8_190_735_360 * 4 // 8
+    assert out["total"] == expected.total > out["usable"] == int(80 * planner.GiB * 0.75)  # JAX's GPU default
+    assert code == 1 and out["fits"] is False
+    # suggestions, each re-evaluated: the first micro-batch size that fits (or the smallest), remat, ...
+    labels = [s["label"] for s in out["suggestions"]]
+    assert labels[0].startswith("train.micro_batch_size=") and "model.remat=full" in labels
+    assert all(s["plan"]["total"] < expected.total for s in out["suggestions"])
+    assert out["suggestions"][-1]["label"] == "all of the above" and out["suggestions"][-1]["fits"]
+
+
+def test_cli_compiles_here_when_this_process_has_the_devices(tmp_path, capsys):
+    config = tmp_path / "config.json"  # a model config alone is enough: nothing is loaded or allocated
+    config.write_text(json.dumps(dict(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=16, max_position_embeddings=256)))
+    code = cli.main(["plan", "--config", GRPO, "--mesh", "fsdp=8", "--model-config", str(config), "--accelerator",
+                     "tpu-v5e", "train.micro_batch_size=16", "data.max_prompt_tokens=32", "rollout.max_new_tokens=32"])
+    out = capsys.readouterr().out
+    assert code == 0 and "compiled ahead of time on 8 local cpu devices" in out and "fits tpu-v5e" in out
+    params = out.split("parameters (float32)")[1].split()
+    analytic, compiled = float(params[0]), float(params[2])  # MiB
+    assert params[1] == params[3] == "MiB" and abs(compiled - analytic) <= 0.1 * analytic
