@@ -113,16 +113,17 @@ def plot_grid(runs: dict[str, list[dict]], keys: list[tuple[str, str]], path: st
     rows = -(-len(keys) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, (key, label) in zip(axes.flat, keys):
-        for name, metric_rows in runs.items():
+        for i, (name, metric_rows) in enumerate(runs.items()):
             x, y = series(metric_rows, key)
-            if x:
-                ax.plot(x, y, label=name, lw=1.4)
+            if x:  # a fixed colour per run, also in panels where some runs have no such metric
+                ax.plot(x, y, label=name, lw=1.4, color=f"C{i}")
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    handles = [plt.Line2D([], [], color=f"C{i}", label=name) for i, name in enumerate(runs)]
+    axes.flat[0].legend(handles=handles, fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -75,14 +75,20 @@ def main(argv=None) -> int:
     ap.add_argument("--run-root", default=os.path.join(ROOT, "runs", "exp_consistency"))
     ap.add_argument("--sft-dir", default=None, help="reuse this dense SFT checkpoint (the main job's recipe)")
     ap.add_argument("--skip-moe", action="store_true")
+    ap.add_argument("--moe-sft-steps", type=int, default=None, help="SFT steps of the MoE policy (default: main job's)")
+    ap.add_argument("--moe-rl-steps", type=int, default=None, help="RL steps of the MoE runs (default: main job's)")
     args = ap.parse_args(argv)
     dense = Setup(os.path.join(args.run_root, "dense"), args.seed, sft_dir=args.sft_dir)
     lines = [f"Seed {args.seed}. Dense policy:", ""]
     lines += _group(dense, DENSE, f"Mismatch correction (dense), seed {args.seed}", "consistency_dense.png")
     if not args.skip_moe:
-        moe = Setup(os.path.join(args.run_root, "moe"), args.seed, model_overrides=MOE_MODEL)
-        lines += ["", "MoE policy (4 experts, top-2, in every layer):", ""]
-        lines += _group(moe, MOE, f"Routing replay (MoE), seed {args.seed}", "consistency_moe.png",
+        budget = (f"sft.steps={args.moe_sft_steps}",) if args.moe_sft_steps else ()
+        moe = Setup(os.path.join(args.run_root, "moe"), args.seed, model_overrides=MOE_MODEL + budget)
+        rl_steps = [f"train.steps={args.moe_rl_steps}"] if args.moe_rl_steps else []
+        variants = {name: overrides + rl_steps for name, overrides in MOE.items()}
+        lines += ["", f"MoE policy (4 experts, top-2, in every layer; {moe.cfg.sft.steps} SFT steps"
+                  f"{f', {args.moe_rl_steps} RL steps' if rl_steps else ''}):", ""]
+        lines += _group(moe, variants, f"Routing replay (MoE), seed {args.seed}", "consistency_moe.png",
                         extra_keys=[("routing_agreement", "routing agreement (trainer's own routing vs sampler's)")])
     lines += ["", f"Reproduce: `python experiments/consistency.py --seed {args.seed}`"]
     write_section(f"consistency-seed{args.seed}", "\n".join(lines))
