@@ -205,6 +205,9 @@ class LogSection:
     tensorboard: bool = True
     progress: bool = True  # progress bar on the terminal
     layer_entropy: bool = False  # log the entropy of every layer's read-out policy (logit lens) each step
+    # peak TFLOP/s of one device for the MFU metric; default: the bf16 data-sheet figure of a known TPU/GPU (none
+    # on CPU, where MFU is not logged)
+    peak_tflops: float | None = None
 
 
 @dataclass
@@ -589,6 +592,8 @@ def _check_rest(cfg: TrainConfig) -> None:
     _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}")
     _require(c.every >= 0, "checkpoint.every", f"must be >= 0 (0: only at the end), got {c.every}")
     _require(bool(cfg.log.run_dir), "log.run_dir", "must name a directory")
+    peak = cfg.log.peak_tflops
+    _require(peak is None or peak > 0, "log.peak_tflops", f"must be > 0 TFLOP/s per device, got {peak}")
     fns = cfg.reward.fns
     _require(len(fns) >= 1, "reward.fns", "at least one reward function is needed")
     _require(cfg.reward.timeout > 0, "reward.timeout", f"must be > 0 seconds, got {cfg.reward.timeout}")

@@ -124,3 +124,19 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, object] | Non
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Mapping[str, object] | None = None) -> NamedSharding:
     """Sharding of a ``[batch, ...]`` array: the batch axis over the data-parallel mesh axes."""
     return NamedSharding(mesh, logical_to_pspec(("batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """Keep the leading (row) axis of an activation split over the data-parallel axes (``data``, ``fsdp``) of the
+    mesh set with ``jax.set_mesh`` (a no-op without one, or when the rows do not divide).
+
+    Without it XLA may resolve the clash between rows split over ``fsdp`` and weights split over ``fsdp`` (their
+    ``embed`` dimension) by gathering the activations instead of the weights: every device then computes the whole
+    batch, and the [rows, time, vocab] logits of the log-prob kernel are held unsplit."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(axes))

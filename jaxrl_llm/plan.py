@@ -62,7 +62,6 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 _ITEMSIZE = {"float32": 4, "bfloat16": 2}
 MESH_AXES = ("data", "fsdp", "tensor", "expert")  # as jaxrl_llm.parallel (not imported: it pulls in jax)
-LAYOUTS = ("trainer", "sharded")
 
 __all__ = ["ACCELERATORS", "MODEL_PRESETS", "PlanError", "ProgramMemory", "MemoryPlan", "Report", "parse_mesh",
            "resolve_mesh", "resolve_model", "load_plan_config", "analytic_plan", "compile_plan", "plan",
@@ -396,26 +395,15 @@ def _abstract_policy(cfg, mc, mesh):
     return model, graphdef, params, rest
 
 
-def _abstract_opt_state(optimizer, params, mesh, opt_sharding: str):
-    """The optimizer state as the trainer places it.
-
-    ``trainer``: the trainer's rule (``RLTrainer._optimizer``): the shardings ``jax.jit(optimizer.init)`` gives
-    its outputs, with any leaf not spread over the whole mesh replicated. ``params``: moments sharded like their
-    parameters (what-if), scalars replicated.
-    """
+def _abstract_opt_state(optimizer, params, mesh):
+    """The optimizer state as the trainer places it (``opt_state_shardings``: moments sharded like their
+    parameters, step counts replicated)."""
     import jax
-    import optax
     from jax.sharding import NamedSharding, PartitionSpec as P
+    from jaxrl_llm.trainer.optim import opt_state_shardings
 
-    replicated = NamedSharding(mesh, P())
     shapes = jax.eval_shape(optimizer.init, params)
-    if opt_sharding == "params":
-        param_sh = jax.tree.map(lambda x: x.sharding, params)
-        shardings = optax.tree_map_params(optimizer, lambda _, s: s, shapes, param_sh,
-                                          transform_non_params=lambda _: replicated)
-    else:
-        out = jax.jit(optimizer.init).lower(params).compile().output_shardings
-        shardings = jax.tree.map(lambda s: s if len(s.device_set) == mesh.size else replicated, out)
+    shardings = opt_state_shardings(optimizer, params, NamedSharding(mesh, P()))
     return jax.tree.map(lambda x, s: _abstract(x.shape, x.dtype, s), shapes, shardings)
 
 
@@ -486,7 +474,7 @@ def _compile_update(cfg, mc, mesh, graphdef, params, rest, opt_state, optimizer,
 
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     param_sh, opt_sh, rest_sh = shardings(params), shardings(opt_state), shardings(rest)
-    step = jax.jit(make_update_step(graphdef, optimizer, _loss_config(cfg), logprob_fn),
+    step = jax.jit(make_update_step(graphdef, optimizer, _loss_config(cfg), logprob_fn, param_sh),
                    in_shardings=(param_sh, rest_sh, opt_sh, None, None, None),
                    out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 2))
     micro = _micro_batches(cfg, mc, mesh, s)
@@ -579,17 +567,14 @@ def _replicated_on(mesh, tree):
     return jax.tree.map(lambda x: _abstract(x.shape, x.dtype, NamedSharding(mesh, P())), tree)
 
 
-def compile_plan(cfg, mc, sizes: dict[str, int], *, layout: str = "trainer", devices=None,
-                 cache: dict | None = None) -> MemoryPlan:
+def compile_plan(cfg, mc, sizes: dict[str, int], *, devices=None, cache: dict | None = None) -> MemoryPlan:
     """Lower and compile the update, generate and scoring programs on ``devices`` (default: the first local
     devices: the mesh's, then ``rollout.sampler_devices`` for a disaggregated sampler) and read XLA's memory
     analysis. Nothing is allocated.
 
-    ``layout="trainer"`` places arrays as the trainer does; ``"sharded"`` is a what-if with the optimizer state
-    sharded like the parameters. ``cache`` (a dict) memoises programs across calls whose settings are equal.
+    Arrays are placed as the trainer places them. ``cache`` (a dict) memoises programs across calls whose settings
+    are equal.
     """
-    if layout not in LAYOUTS:
-        raise PlanError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     import jax
     from flax import nnx
     from jaxrl_llm.parallel import make_mesh
@@ -606,16 +591,18 @@ def compile_plan(cfg, mc, sizes: dict[str, int], *, layout: str = "trainer", dev
     s = step_shapes(cfg, sizes)
     model, graphdef, params, rest = _abstract_policy(cfg, mc, mesh)
     optimizer = _optimizer(cfg)
-    opt_state = _abstract_opt_state(optimizer, params, mesh, "params" if layout == "sharded" else "trainer")
+    opt_state = _abstract_opt_state(optimizer, params, mesh)
     state = nnx.merge_state(params, rest)
     sampler_state = _replicated_on(sampler_mesh, state) if k else state
     m, r = cfg.model, cfg.rollout
     base = (mc, mesh_text(sizes), k, m.dtype, m.param_dtype, m.remat, s.prompt, s.response, r.n,
             cfg.train.prompts_per_step)
-    update_key = ("update", base, layout, s.micro, s.num_micro, dataclasses.astuple(cfg.algorithm))
+    update_key = ("update", base, s.micro, s.num_micro, dataclasses.astuple(cfg.algorithm))
+    # the update and scoring are traced under their mesh, as the trainer does (parallel.constrain_rows)
     if update_key not in cache:
-        cache[update_key] = _named("the update", _compile_update, cfg, mc, mesh, graphdef, params, rest, opt_state,
-                                   optimizer, s)
+        with jax.set_mesh(mesh):
+            cache[update_key] = _named("the update", _compile_update, cfg, mc, mesh, graphdef, params, rest,
+                                       opt_state, optimizer, s)
     update, batch = cache[update_key]
     sample_key = ("generate", base, dataclasses.astuple(r))
     if sample_key not in cache:
@@ -625,7 +612,8 @@ def compile_plan(cfg, mc, sizes: dict[str, int], *, layout: str = "trainer", dev
     score_key = ("score", base, dataclasses.astuple(r), cfg.train.logprob_chunk)
     if score_key not in cache:
         rollout_sh = _rollout_shardings(mesh, s, None if k else generated)
-        cache[score_key] = _named("scoring", _compile_score, cfg, mc, graphdef, state, sampler, s, rollout_sh)
+        with jax.set_mesh(mesh):
+            cache[score_key] = _named("scoring", _compile_score, cfg, mc, graphdef, state, sampler, s, rollout_sh)
     score = cache[score_key]
 
     p, o = _tree_bytes(params), _tree_bytes(opt_state)
@@ -671,7 +659,6 @@ class Variant:
     label: str
     overrides: list[str]  # added after the user's overrides
     mesh: dict[str, int]
-    layout: str = "trainer"
 
     @property
     def devices(self) -> int:
@@ -710,10 +697,8 @@ def _prompt_choices(cfg) -> list[int]:
     return out
 
 
-def suggestion_groups(cfg, sizes: dict[str, int], layouts: bool = True) -> list[list[Variant]]:
-    """Groups of alternatives that reduce memory; within a group the first that fits is reported. ``layouts``
-    adds the what-if of a trainer that shards the optimizer state like the parameters (only compiling shows the
-    difference: the formula assumes it already)."""
+def suggestion_groups(cfg, sizes: dict[str, int]) -> list[list[Variant]]:
+    """Groups of alternatives that reduce memory; within a group the first that fits is reported."""
     dp = sizes["data"] * sizes["fsdp"]
     groups: list[list[Variant]] = [
         [Variant(f"train.micro_batch_size={m}", [f"train.micro_batch_size={m}"], sizes)
@@ -730,9 +715,6 @@ def suggestion_groups(cfg, sizes: dict[str, int], layouts: bool = True) -> list[
     if cfg.model.param_dtype != "bfloat16":
         groups.append([Variant("model.param_dtype=bfloat16 model.dtype=bfloat16",
                                ["model.param_dtype=bfloat16", "model.dtype=bfloat16"], sizes)])
-    if layouts:
-        groups.append([Variant("optimizer state sharded like the parameters (trainer change)", [], sizes,
-                               layout="sharded")])
     return [g for g in groups if g]
 
 
@@ -743,9 +725,8 @@ def combined_variant(groups: list[list[Variant]], sizes: dict[str, int], skip=()
     if len(parts) < 2:
         return None
     same = [v.mesh for v in parts if v.mesh != sizes and v.devices == math.prod(sizes.values())]
-    layout = "sharded" if any(v.layout == "sharded" for v in parts) else "trainer"
     label = "all of the above" + (" that compiled" if skip else "")
-    return Variant(label, [o for v in parts for o in v.overrides], same[0] if same else sizes, layout)
+    return Variant(label, [o for v in parts for o in v.overrides], same[0] if same else sizes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -766,7 +747,7 @@ def evaluate(request: dict, emit) -> None:
 
     def run(key: str, v: Variant) -> MemoryPlan | None:
         try:
-            result = compile_plan(_variant_config(request, v), mc, v.mesh, layout=v.layout, cache=cache)
+            result = compile_plan(_variant_config(request, v), mc, v.mesh, cache=cache)
         except Exception as err:  # reported per variant; the others still run
             text = str(err).splitlines()[0] if str(err) else ""
             emit(key, v, None, text if isinstance(err, PlanError) else f"{type(err).__name__}: {text}")
@@ -923,8 +904,8 @@ def _discrepancy_notes(a: MemoryPlan, c: MemoryPlan) -> list[str]:
     sharded like the parameters and rows split over data x fsdp (heads and MLP columns over tensor)."""
     notes = []
     if c.opt_state > 1.5 * a.opt_state:
-        notes.append("the optimizer state is replicated on every device: the trainer keeps what "
-                     "jax.jit(optimizer.init) returns, which is not sharded like the parameters")
+        notes.append("the optimizer state takes more than twice the parameters: some of it is not sharded like the "
+                     "parameters")
     for name, what in (("update_temp", "the update"), ("sample_temp", "sampling"), ("score_temp", "scoring")):
         ratio = getattr(c, name) / max(getattr(a, name), 1)
         if ratio > 2:
@@ -967,7 +948,7 @@ def plan(config: str | None, overrides=(), *, mesh: str | None = None, devices: 
                     sampler_devices=k,
                     accelerator=accelerator, hbm=hbm, usable=usable, shapes=step_shapes(cfg, sizes),
                     param_dtype=cfg.model.param_dtype, analytic=analytic_plan(cfg, mc, sizes), compiled=None)
-    groups = suggestion_groups(cfg, sizes, layouts=not analytic_only) if suggest and usable is not None else []
+    groups = suggestion_groups(cfg, sizes) if suggest and usable is not None else []
     results = {}
     if analytic_only:
         report.notes.append("analytic estimate only (--analytic)")
@@ -1054,10 +1035,8 @@ def _suggestion(report: Report, config, overrides, spec, mc, v: Variant, got: di
         return None
     plan_ = analytic_plan(cfg, mc, v.mesh)
     if report.compiled is not None:
-        # keep the extra (unsharded) memory the compiled base plan revealed; the what-if layout shards the
-        # optimizer state, nothing else
-        names = _SCALED if v.layout == "trainer" else _SCALED[1:]
-        plan_ = _scaled_like(plan_, report.analytic, report.compiled, names)
+        # keep the extra (unsharded) memory the compiled base plan revealed
+        plan_ = _scaled_like(plan_, report.analytic, report.compiled)
     return Suggestion(v.label, plan_, False, plan_.total <= report.usable)
 
 

@@ -93,6 +93,40 @@ def test_params_and_optimizer_match_the_trainers_arrays(measured):
     assert c.params == measured["params"]
     assert c.opt_state == measured["opt_state"]
     assert abs(a.params - measured["params"]) <= 0.1 * measured["params"]  # norms are replicated, not split
+    # Adam's two moments are sharded like their parameters (+ a replicated step count), not replicated
+    assert measured["opt_state"] <= 2 * measured["params"] + 64
+
+
+def test_scoring_keeps_rows_split_and_gathers_the_weights(tmp_path):
+    """Under the trainer's mesh the log-prob forward holds only its rows' share of the [rows, chunk, vocab]
+    logits; without the row constraint XLA gathers the activations (every device computes every row)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jaxrl_llm.parallel import make_mesh
+    from jaxrl_llm.sampling import sequence_logprobs
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(model_type="qwen3", vocab_size=32768, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=16, max_position_embeddings=256)))
+    cfg = load_config(GRPO, [f"model.path={config}", "mesh.data=1", "mesh.fsdp=8"])
+    mesh = make_mesh(dict(data=1, fsdp=8))
+    _, graphdef, params, rest = planner._abstract_policy(cfg, planner.resolve_model(str(config)), mesh)
+    rows, t, chunk = 64, 64, 64
+    arr = lambda dtype: jax.ShapeDtypeStruct((rows, t), dtype, sharding=NamedSharding(mesh, P("fsdp")))  # noqa: E731
+
+    def fwd(state, ids, mask):
+        return sequence_logprobs(nnx.merge(graphdef, state), ids, mask, ids, mask, chunk=chunk)
+
+    def temp():
+        args = (nnx.merge_state(params, rest), arr(np.int32), arr(np.bool_))
+        return jax.jit(fwd).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    logits = rows * chunk * 32768 * 4  # one chunk of float32 logits for every row
+    with jax.set_mesh(mesh):
+        split = temp()
+    assert split < 0.5 * logits  # an eighth of the rows' logits (+ their exp), not all of them
+    assert temp() > logits  # without the mesh: XLA's own choice holds every row's logits
 
 
 def test_phase_peaks_match_xla_analysis_of_the_trainers_programs(measured):

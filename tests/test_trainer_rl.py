@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxrl_llm.config import load_config
+from jaxrl_llm.config import ConfigError, load_config
+from jaxrl_llm.hardware import peak_tflops
 from jaxrl_llm.tokenizer import build_char_tokenizer
 from jaxrl_llm.trainer.rl import RLTrainer
 from jaxrl_llm.tracking import read_jsonl
@@ -43,10 +44,33 @@ def test_every_preset_runs(preset, tiny_model_dir, tmp_path):
         assert key in rows[-1], key
     if preset == "dapo":
         assert "dynamic_fill_rate" in rows[-1]
+    if preset == "grpo":  # no MFU on CPU (no known peak) ...
+        assert "mfu" not in rows[-1]
     if preset == "ppo":
         for key in ("kl_ref", "value_loss", "value_clip_frac", "explained_variance", "value_grad_norm"):
             assert key in rows[-1], key
         assert np.isfinite(rows[-1]["value_loss"])
+
+
+def test_rematerialised_training_and_mfu(tiny_model_dir, tmp_path):
+    # remat applies to the update only (the sampler fills its KV cache without it)
+    cfg = _cfg(tiny_model_dir, tmp_path, None, "train.steps=1", "checkpoint.export_hf=false", "log.peak_tflops=0.5",
+               "model.remat=full")
+    trainer = RLTrainer(cfg)
+    try:
+        m = trainer.train()
+    finally:
+        trainer.close()
+    assert np.isfinite(m["loss"]) and m["skipped_nonfinite"] == 0.0
+    # MFU is logged when the peak is given: achieved model TFLOP/s over the peak of every device of the run
+    assert m["mfu"] == pytest.approx(m["model_tflops_per_sec"] / (0.5 * jax.device_count()), rel=1e-6)
+    with pytest.raises(ConfigError, match="log.peak_tflops"):
+        _cfg(tiny_model_dir, tmp_path, None, "log.peak_tflops=0")
+    # data-sheet bf16 peaks by jax device_kind
+    assert peak_tflops("TPU v5 lite") == 197.0 and peak_tflops("TPU v5") == 459.0
+    assert peak_tflops("TPU v6 lite") == 918.0 and peak_tflops("TPU v4") == 275.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0 and peak_tflops("cpu") is None
 
 
 def test_reinforce_pp_with_kl_in_reward_runs(tiny_model_dir, tmp_path):
@@ -81,7 +105,7 @@ def test_exact_resume_and_export(preset, tiny_model_dir, tmp_path):
 
     def clean(rows):
         return [{k: v for k, v in r.items() if not k.startswith("time") and k not in (
-            "tokens_per_sec", "model_tflops_per_sec")} for r in rows]
+            "tokens_per_sec", "model_tflops_per_sec", "mfu")} for r in rows]
 
     a = clean(read_jsonl(os.path.join(tmp_path, "a", "metrics.jsonl")))
     b = clean(read_jsonl(os.path.join(tmp_path, "b", "metrics.jsonl")))

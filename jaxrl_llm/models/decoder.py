@@ -12,6 +12,7 @@ from flax import nnx
 
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.layers import MLP, Attention, LayerCache, MoE, RMSNorm, param, rope_inv_freq
+from jaxrl_llm.parallel import constrain_rows
 
 REMAT_POLICIES = ("none", "full", "dots")
 
@@ -142,7 +143,7 @@ class Decoder(nnx.Module):
             allowed = (slots[None, None, :] <= query_slot[None, :, None]) & slot_mask[:, None, :]
 
         inv_freq = rope_inv_freq(cfg)
-        x = self.embed[...][tokens].astype(self.dtype)
+        x = constrain_rows(self.embed[...][tokens].astype(self.dtype))
         residuals = [x] if return_residuals else None
         router_logits, experts = [], []
         new_k, new_v = [], []
@@ -158,6 +159,7 @@ class Decoder(nnx.Module):
                 forced = forced_experts[moe_i]
             x, layer_cache, logits, chosen = call(layer, x, positions, inv_freq, allowed, layer_cache,
                                                   cache_index, forced)
+            x = constrain_rows(x)
             if layer.is_moe:
                 router_logits.append(logits)
                 experts.append(chosen)

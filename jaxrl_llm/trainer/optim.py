@@ -1,6 +1,7 @@
 """Optimizer construction: AdamW with warm-up, a decay schedule and global-norm clipping (optax)."""
 from __future__ import annotations
 
+import jax
 import optax
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -41,3 +42,13 @@ def make_optimizer(lr: float, *, steps: int, warmup_steps: int = 0, schedule: st
         parts.append(optax.clip_by_global_norm(grad_clip))
     parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
     return optax.chain(*parts)
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, params, replicated):
+    """Where the optimizer state of ``params`` lives: every per-parameter leaf (Adam's moments) is sharded like its
+    parameter, the rest (step counts) is ``replicated``. ``jax.jit(optimizer.init)`` alone does not do this: its
+    outputs (zeros) do not depend on the parameters' values, so XLA is free to replicate them."""
+    shapes = jax.eval_shape(optimizer.init, params)
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    return optax.tree_map_params(optimizer, lambda _, sharding: sharding, shapes, param_sh,
+                                 transform_non_params=lambda _: replicated)

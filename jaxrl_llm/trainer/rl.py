@@ -28,6 +28,7 @@ from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.config import TrainConfig, save_config, validate
 from jaxrl_llm.data import PromptStream, load_rows, tokenize_prompts
 from jaxrl_llm.distributed import host
+from jaxrl_llm.hardware import peak_tflops
 from jaxrl_llm.losses import exploration as X
 from jaxrl_llm.metrics import mean_pass_at_k
 from jaxrl_llm.models import load_hf, save_hf
@@ -38,7 +39,7 @@ from jaxrl_llm.sampling import layer_entropies, routing_agreement, sequence_logp
 from jaxrl_llm.tokenizer import load_tokenizer
 from jaxrl_llm.tracking import MetricsLogger, Progress
 from jaxrl_llm.trainer.critic import init_value_head, make_critic_step, token_level_rewards, token_values
-from jaxrl_llm.trainer.optim import make_optimizer
+from jaxrl_llm.trainer.optim import make_optimizer, opt_state_shardings
 from jaxrl_llm.trainer.step import Experience, LossConfig, make_update_step, minibatch_normalizer, split_micro
 
 __all__ = ["RLTrainer", "train"]
@@ -129,6 +130,8 @@ class RLTrainer:
         self._pending = None  # the next step's rollouts, sampled in the background (rollout.async_rollout)
         self._executor = ThreadPoolExecutor(max_workers=1) if cfg.rollout.async_rollout else None
         self._device_lock = threading.Lock() if self._executor and not self.sampler_mesh else None
+        self.devices = devices + sampler_devices
+        self.peak_tflops = cfg.log.peak_tflops or peak_tflops(self.devices[0].device_kind)
         model, self.model_cfg = self._load_model()
         self.tokenizer = load_tokenizer(cfg.model.path)
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
@@ -165,8 +168,8 @@ class RLTrainer:
         self.batch_spec = NamedSharding(self.mesh, P(None, ("data", "fsdp")))
 
         def jit_update(layer):
-            return jax.jit(make_update_step(self.graphdef, self.optimizer, self.loss_cfg, logprob_fn_of(layer)),
-                           in_shardings=(param_sh, rest_sh, opt_sh, None, None, None),
+            step = make_update_step(self.graphdef, self.optimizer, self.loss_cfg, logprob_fn_of(layer), param_sh)
+            return jax.jit(step, in_shardings=(param_sh, rest_sh, opt_sh, None, None, None),
                            out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 2))
 
         self._update = jit_update(None)
@@ -212,12 +215,8 @@ class RLTrainer:
         optimizer = make_optimizer(lr, steps=t.steps * a.ppo_epochs * a.minibatches, warmup_steps=t.warmup_steps,
                                    schedule=t.schedule, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
                                    grad_clip=t.grad_clip or None)
-        replicated = NamedSharding(self.mesh, P())
-        # moments follow their parameters' shardings; scalars (step counts) are replicated over the mesh
-        state = jax.tree.map(
-            lambda x: x if len(x.sharding.device_set) == self.mesh.size else jax.device_put(x, replicated),
-            jax.jit(optimizer.init)(params))
-        return optimizer, state
+        shardings = opt_state_shardings(optimizer, params, NamedSharding(self.mesh, P()))
+        return optimizer, jax.jit(optimizer.init, out_shardings=shardings)(params)
 
     def _build_critic(self) -> dict:
         """The separate value model of PPO: trunk from the policy checkpoint, zero value head, own optimizer."""
@@ -388,7 +387,9 @@ class RLTrainer:
     def train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
         collected = self._next_rollouts()
-        with self._device_turn():
+        # scoring and updates keep activations split by rows (parallel.constrain_rows) and gather the weights; the
+        # sampler does not: for one-token decode steps moving the activations is cheaper than moving the weights
+        with self._device_turn(), jax.set_mesh(self.mesh):
             return self._train_on(collected, t0)
 
     def _train_on(self, collected, t0: float) -> dict[str, float]:
@@ -479,6 +480,8 @@ class RLTrainer:
         # 6 N FLOPs per trained token (forward + backward) + 2 N per sampled/scored token
         flops = (6 * self.model_cfg.num_params() * tokens * a.ppo_epochs + 4 * self.model_cfg.num_params() * tokens)
         metrics["model_tflops_per_sec"] = flops / total_time / 1e12
+        if self.peak_tflops is not None:  # model FLOPs utilisation of every device the run uses
+            metrics["mfu"] = metrics["model_tflops_per_sec"] / (self.peak_tflops * len(self.devices))
         return {k: float(v) for k, v in metrics.items()}
 
     def _diagnostics(self, state, ro: Rollout) -> dict[str, float]:

@@ -104,14 +104,23 @@ def split_micro(exp: Experience, num_micro: int) -> Experience:
     return exp
 
 
-def accumulate(micro_grads: Callable[[Any], Any], micro_batches):
-    """Sum ``micro_grads(micro)`` (any pytree, e.g. ``(grads, metrics)``) over the leading micro-batch axis of
-    ``micro_batches`` with a ``lax.scan``, so only one micro-batch's activations are live at a time."""
+def accumulate(micro_grads: Callable[[Any], Any], micro_batches, grad_shardings=None):
+    """Sum ``micro_grads(micro) -> (grads, metrics)`` over the leading micro-batch axis of ``micro_batches`` with a
+    ``lax.scan``, so only one micro-batch's activations are live at a time.
+
+    ``grad_shardings`` (the parameters' shardings) pins the gradient accumulator to them: it starts as zeros,
+    which XLA would otherwise be free to replicate on every device."""
     first = jax.tree.map(lambda x: x[0], micro_batches)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(micro_grads, first))
+
+    def pin(acc):
+        if grad_shardings is None:
+            return acc
+        return jax.lax.with_sharding_constraint(acc[0], grad_shardings), acc[1]
+
+    zeros = pin(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(micro_grads, first)))
 
     def body(acc, micro):
-        return jax.tree.map(jnp.add, acc, micro_grads(micro)), None
+        return pin(jax.tree.map(jnp.add, acc, micro_grads(micro))), None
 
     total, _ = jax.lax.scan(body, zeros, micro_batches)
     return total
@@ -161,14 +170,16 @@ def _token_gates(cfg: LossConfig, logp, entropy, micro: Experience, key, metrics
     return stop, extra
 
 
-def make_update_step(graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig, logprob_fn: LogprobFn):
+def make_update_step(graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig, logprob_fn: LogprobFn,
+                     param_shardings=None):
     """Build ``update(params, rest, opt_state, micro_batches, normalizer, control=None)
     -> (params, opt_state, metrics)``.
 
     ``logprob_fn(model, experience) -> (logp [n, R], entropy [n, R])`` computes the current policy's per-token
     log-probs and entropies (the sampler-consistent scoring function with the rollout temperature bound in).
     ``control`` holds per-update runtime values: ``entropy_coef`` (adaptive entropy control) and ``key`` (the
-    PRNG key of Clip-Cov's random choice; folded with the micro-batch index).
+    PRNG key of Clip-Cov's random choice; folded with the micro-batch index). ``param_shardings`` keeps the
+    gradients sharded like the parameters (see :func:`accumulate`).
     """
     policy_fn = L.get_policy_loss(cfg.policy_loss)
     knobs = cfg.policy_knobs()
@@ -222,7 +233,7 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, cfg: Los
             share = micro.mask.sum() / weight_total
             return grads, {k: (v if k in _SUMMED else v * share) for k, v in metrics.items()}
 
-        grads, metrics = accumulate(micro_grads, (micro_batches, jnp.arange(num_micro)))
+        grads, metrics = accumulate(micro_grads, (micro_batches, jnp.arange(num_micro)), param_shardings)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
         new_params, new_opt_state = apply_if_finite(optimizer, grads, params, opt_state, finite)
