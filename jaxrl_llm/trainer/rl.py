@@ -378,6 +378,12 @@ class RLTrainer:
                                            gamma_neg=a.ds_gamma_neg)
         return A.broadcast_over_tokens(adv, mask)
 
+    def _rows_split(self):
+        """The trainer's mesh as context while scoring and updates are traced: their activations then stay split by
+        rows and each layer's weights are gathered (parallel.constrain_rows). Not for the sampler: for one-token
+        decode steps moving the activations is cheaper than moving the weights."""
+        return jax.set_mesh(self.mesh)
+
     def _device_turn(self):
         """Async rollouts on the trainer's own devices take turns with the update for the devices: two threads
         interleaving multi-device programs could run them in different orders on different devices and deadlock
@@ -387,9 +393,7 @@ class RLTrainer:
     def train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
         collected = self._next_rollouts()
-        # scoring and updates keep activations split by rows (parallel.constrain_rows) and gather the weights; the
-        # sampler does not: for one-token decode steps moving the activations is cheaper than moving the weights
-        with self._device_turn(), jax.set_mesh(self.mesh):
+        with self._device_turn():
             return self._train_on(collected, t0)
 
     def _train_on(self, collected, t0: float) -> dict[str, float]:
@@ -405,8 +409,9 @@ class RLTrainer:
         state = nnx.merge_state(self.params, self.rest)
         temperature, chunk = cfg.rollout.temperature, cfg.train.logprob_chunk
         replay = ro.experts if cfg.rollout.routing_replay else None
-        old_logp, _ = rollout_logprobs(self.sampler, self.graphdef, state, ro, temperature=temperature, chunk=chunk,
-                                       forced_experts=replay)
+        with self._rows_split():
+            old_logp, _ = rollout_logprobs(self.sampler, self.graphdef, state, ro, temperature=temperature,
+                                           chunk=chunk, forced_experts=replay)
         metrics: dict[str, Any] = dict(mismatch_metrics(ro.logprobs, old_logp, ro.mask))
         metrics.update(self._diagnostics(state, ro))
         is_weights = None
@@ -419,8 +424,9 @@ class RLTrainer:
         kl_penalty = None  # per-token -kl_coef * KL_t when the KL is part of the reward
         if self.ref_params is not None:
             ref_state = nnx.merge_state(self.ref_params, self.rest)
-            ref_logp, _ = score(self.graphdef, ref_state, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
-                                temperature=temperature, chunk=chunk)
+            with self._rows_split():
+                ref_logp, _ = score(self.graphdef, ref_state, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
+                                    temperature=temperature, chunk=chunk)
             kl_tok = jnp.where(ro.mask, L.kl(old_logp, ref_logp, a.kl_estimator), 0.0)
             metrics["kl_ref"] = float(jnp.sum(kl_tok) / jnp.maximum(ro.mask.sum(), 1))
             if a.kl_in_reward:
@@ -450,9 +456,10 @@ class RLTrainer:
         bupo = self._in_bupo_warmup()
         loss_old_logp = old_logp
         if bupo:  # the warm-up's ratio is between internal-layer policies
-            loss_old_logp, _ = score(self.graphdef, state, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
-                                     temperature=temperature, chunk=chunk, forced_experts=replay,
-                                     layer=a.bupo_layer)
+            with self._rows_split():
+                loss_old_logp, _ = score(self.graphdef, state, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
+                                         temperature=temperature, chunk=chunk, forced_experts=replay,
+                                         layer=a.bupo_layer)
             metrics["bupo_warmup"] = 1.0
         jax.block_until_ready(loss_old_logp)
         times["time_score"] = time.perf_counter() - t1
@@ -515,8 +522,9 @@ class RLTrainer:
                 j = epoch * a.minibatches + i
                 control = {"entropy_coef": jnp.float32(self.entropy_coef),
                            "key": jax.random.fold_in(jax.random.key(cfg.train.seed), self.step * 4096 + j)}
-                self.params, self.opt_state, m = (update or self._update)(self.params, self.rest, self.opt_state,
-                                                                          micro, norm, control)
+                with self._rows_split():
+                    self.params, self.opt_state, m = (update or self._update)(self.params, self.rest,
+                                                                              self.opt_state, micro, norm, control)
                 if "offpolicy_kl" in m:  # the policy's drift from the sampler, update by update
                     per_update[f"offpolicy_kl/update{j}"] = float(m["offpolicy_kl"])
                 if critic_batch is not None:
