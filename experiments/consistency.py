@@ -24,6 +24,9 @@ DENSE = {
     "bf16 + TIS": [BF16, "algorithm.rollout_is=token", "algorithm.rollout_is_cap=2"],
     "bf16 + masked IS": [BF16, "algorithm.rollout_mask=token", "algorithm.rollout_mask_low=0.5",
                          "algorithm.rollout_mask_high=2"],
+    # the bf16 ratios of this small model stay within about [0.88, 1.13]: a band that actually masks tokens
+    "bf16 + masked IS, tight band": [BF16, "algorithm.rollout_mask=token", "algorithm.rollout_mask_low=0.97",
+                                     "algorithm.rollout_mask_high=1.03"],
 }
 MOE = {
     "moe bf16, no replay": [BF16],
@@ -39,6 +42,17 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
+def _weights(rows: list[dict]) -> str:
+    """The mean over steps of the smallest and largest token ratio pi/mu (before truncation or masking)."""
+    low, high = mean_of(rows, "rc_ratio_min"), mean_of(rows, "rc_ratio_max")
+    return "-" if low != low else f"{low:.3f} .. {high:.3f}"  # nan: no correction configured
+
+
+def _affected(rows: list[dict]) -> str:
+    truncated, masked = mean_of(rows, "rc_truncated_frac"), mean_of(rows, "rc_masked_frac")
+    return "-" if truncated != truncated else f"{truncated:.2%} / {masked:.2%}"
+
+
 def _group(setup: Setup, variants: dict, title: str, img_name: str, extra_keys=()) -> list[str]:
     setup.ensure_sft()
     sft = setup.evaluate_sft()
@@ -52,15 +66,16 @@ def _group(setup: Setup, variants: dict, title: str, img_name: str, extra_keys=(
         f"SFT checkpoint: held-out pass@1 {sft['pass@1']:.3f}, pass@16 {sft['pass@16']:.3f}.",
         "",
         "| run | switches | mean sampler-trainer KL | mean max abs log-prob diff | final pass@1 | final pass@16 "
-        "| reward, last 5 steps | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| IS weight range | tokens truncated / masked | reward, last 5 steps | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, overrides in variants.items():
         rows = runs[name]
         result, seconds = results[name]
         lines.append(f"| {name} | `{' '.join(overrides)}` | {mean_of(rows, 'mismatch_kl'):.2e} "
                      f"| {mean_of(rows, 'mismatch_abs_max'):.2e} | {result['pass@1']:.3f} | {result['pass@16']:.3f} "
-                     f"| {mean_of(rows, 'reward_mean', last=5):.3f} | {seconds:.0f} |")
+                     f"| {_weights(rows)} | {_affected(rows)} | {mean_of(rows, 'reward_mean', last=5):.3f} "
+                     f"| {seconds:.0f} |")
     if extra_keys:
         for key, label in extra_keys:
             vals = ", ".join(f"{name}: {mean_of(runs[name], key):.4f}" for name in variants)
@@ -90,7 +105,11 @@ def main(argv=None) -> int:
                   f"{f', {args.moe_rl_steps} RL steps' if rl_steps else ''}):", ""]
         lines += _group(moe, variants, f"Routing replay (MoE), seed {args.seed}", "consistency_moe.png",
                         extra_keys=[("routing_agreement", "routing agreement (trainer's own routing vs sampler's)")])
-    lines += ["", f"Reproduce: `python experiments/consistency.py --seed {args.seed}`"]
+    flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("moe_sft_steps", args.moe_sft_steps),
+                                                                 ("moe_rl_steps", args.moe_rl_steps)) if v)
+    lines += ["", f"Reproduce: `python experiments/consistency.py --seed {args.seed}{flags}"
+                  f"{' --skip-moe' if args.skip_moe else ''}` (add `--sft-dir runs/main/sft` to reuse the main "
+                  "job's SFT checkpoint)"]
     write_section(f"consistency-seed{args.seed}", "\n".join(lines))
     say("tables written to docs/experiments.md")
     return 0

@@ -55,7 +55,8 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | `{' '.join(overrides) or '-'}` | {result['pass@1']:.3f} | {result['pass@16']:.3f} "
                      f"| {mean_of(rows[:5], 'entropy'):.3f} | {mean_of(rows, 'entropy', last=5):.3f} | {seconds:.0f} |")
     lines += ["", f"![exploration](img/{os.path.basename(img)})", "",
-              f"Reproduce: `python experiments/exploration.py --seed {args.seed}`"]
+              f"Reproduce: `python experiments/exploration.py --seed {args.seed}` (add `--sft-dir runs/main/sft` to "
+              "reuse the main job's SFT checkpoint)"]
     write_section(f"exploration-seed{args.seed}", "\n".join(lines))
     say(f"table written to docs/experiments.md, plot to {img}")
     return 0
