@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-__all__ = ["initialize", "host", "is_multiprocess_env"]
+__all__ = ["initialize", "host", "is_multiprocess_env", "owned_rows", "gather_blocks", "sum_blocks", "rows_on_this_process"]
 
 
 def is_multiprocess_env(environ=os.environ) -> bool:
@@ -110,3 +110,46 @@ def host(x) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def owned_rows(total: int) -> np.ndarray:
+    """The block of ``total`` rows this process is responsible for on the host (e.g. computing their rewards):
+    an equal contiguous share per process in process order, or every row when they do not divide."""
+    import jax
+
+    count, index = jax.process_count(), jax.process_index()
+    if count == 1 or total % count:
+        return np.arange(total)
+    share = total // count
+    return np.arange(index * share, (index + 1) * share)
+
+
+def gather_blocks(block: np.ndarray, total: int) -> np.ndarray:
+    """Every process's :func:`owned_rows` block of a per-row array, concatenated into all ``total`` rows (a
+    collective: every process must call it)."""
+    if len(block) == total:
+        return np.asarray(block)
+    from jax.experimental import multihost_utils
+
+    blocks = np.asarray(multihost_utils.process_allgather(np.asarray(block)))
+    return blocks.reshape((total,) + blocks.shape[2:])
+
+
+def sum_blocks(counts: dict[str, float], owned: int, total: int) -> dict[str, float]:
+    """Per-process counts over :func:`owned_rows` blocks (``owned`` of ``total`` rows here) summed over the
+    processes; unchanged when every process handled every row."""
+    if owned == total:
+        return counts
+    from jax.experimental import multihost_utils
+
+    keys = sorted(counts)
+    summed = np.asarray(multihost_utils.process_allgather(np.array([counts[k] for k in keys], np.float64))).sum(0)
+    return dict(zip(keys, summed.tolist()))
+
+
+def rows_on_this_process(sharding, total: int) -> np.ndarray:
+    """The rows (axis 0, ``total`` of them) that this process's devices hold under ``sharding``, sorted."""
+    held = set()
+    for index in sharding.addressable_devices_indices_map((total,)).values():
+        held.update(range(*index[0].indices(total)))
+    return np.array(sorted(held), dtype=np.int64)

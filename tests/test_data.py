@@ -55,12 +55,20 @@ def test_stream_is_seeded_and_resumes_exactly():
     assert sorted(epoch) == sorted(r["prompt"] for r in rows)
 
 
-def test_process_sharding_partitions_rows():
+def test_partial_reads_are_slices_of_the_global_batch():
     rows = [{"prompt": f"p{i}", "answer": ""} for i in range(12)]
-    seen = [set(r["prompt"] for r in PromptStream(rows, 4, seed=3, process_index=i, process_count=3).next_batch())
-            for i in range(3)]
-    assert set().union(*seen) == {r["prompt"] for r in rows}
-    assert sum(len(s) for s in seen) == 12
+    full = [PromptStream(rows, 4, seed=3).next_batch() for _ in range(1)][0]
+    shares = []
+    for positions in ([0, 1], [2, 3], [3]):  # e.g. what two processes' devices hold (and an overlap)
+        stream = PromptStream(rows, 4, seed=3)
+        shares.append(stream.next_batch(positions))
+        assert shares[-1] == [full[i] for i in positions]
+    # the stream moves one global batch per call whatever was read
+    stream = PromptStream(rows, 4, seed=3)
+    stream.next_batch([0])
+    assert stream.next_batch() == PromptStream(rows, 8, seed=3).next_batch()[4:]
+    with pytest.raises(IndexError, match="outside a batch of 4"):
+        stream.next_batch([4])
     with pytest.raises(ValueError, match="empty"):
         PromptStream([], 2)
 

@@ -69,6 +69,8 @@ def test_two_processes_match_one_and_resume(tiny_model_dir, tmp_path):
     for rm, rs in zip(rows_m, rows_s):
         for key in ("loss", "policy_loss", "entropy", "reward_mean", "grad_norm"):
             assert rm[key] == pytest.approx(rs[key], abs=1e-5), (rm["step"], key)
+        # each process read only the prompts of its devices' rows (half of the step's 4)
+        assert (rs["prompts_read"], rm["prompts_read"]) == (4, 2)
     weights = _weights(multi)
     _close(weights, _weights(single))
 

@@ -62,33 +62,40 @@ def from_generator(fn: Callable[[], Iterable[dict]], n: int, *, prompt_key: str 
 
 
 class PromptStream:
-    """Seeded, shuffled, endlessly repeated, process-sharded batches of rows, with a checkpointable position."""
+    """Seeded, shuffled, endlessly repeated batches of rows (a new order every epoch), with a checkpointable
+    position.
 
-    def __init__(self, rows: list[dict], batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 process_index: int = 0, process_count: int = 1):
+    Rows are read by random access, so a process can read only the rows of each global batch it needs
+    (``next_batch(positions)``): every process sees the same global batch order whatever its share.
+    """
+
+    def __init__(self, rows: list[dict], batch_size: int, *, seed: int = 0, shuffle: bool = True):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
         if not rows:
             raise ValueError("the dataset is empty")
         ds = grain.MapDataset.source(rows)
         if shuffle:
             ds = ds.shuffle(seed=seed)
-        ds = ds[process_index::process_count]
-        if len(ds) == 0:
-            raise ValueError(f"process {process_index} of {process_count} has no rows ({len(rows)} rows in all)")
         self.batch_size = batch_size
-        self._iter = ds.repeat().to_iter_dataset().__iter__()
+        self._ds = ds.repeat()  # random access into the endless sequence of reshuffled epochs
+        self._batch = 0
 
-    def next_batch(self) -> list[dict]:
-        return [next(self._iter) for _ in range(self.batch_size)]
+    def next_batch(self, positions=None) -> list[dict]:
+        """The next global batch, or only its rows at ``positions`` (indices within the batch, in that order)."""
+        start = self._batch * self.batch_size
+        self._batch += 1
+        wanted = range(self.batch_size) if positions is None else positions
+        for i in wanted:
+            if not 0 <= i < self.batch_size:
+                raise IndexError(f"position {i} is outside a batch of {self.batch_size}")
+        return [self._ds[start + int(i)] for i in wanted]
 
     def get_state(self) -> dict:
-        return dict(self._iter.get_state())
+        return {"batches": self._batch}
 
     def set_state(self, state: dict) -> None:
-        self._iter.set_state(state)
+        self._batch = int(state["batches"])
 
 
 def tokenize_prompts(tokenizer, prompts: list[str], max_len: int, *, chat_template: bool = False):

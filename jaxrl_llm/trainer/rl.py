@@ -27,7 +27,7 @@ from jaxrl_llm import losses as L
 from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.config import TrainConfig, save_config, validate
 from jaxrl_llm.data import PromptStream, load_rows, tokenize_prompts
-from jaxrl_llm.distributed import host
+from jaxrl_llm.distributed import gather_blocks, host, owned_rows, rows_on_this_process, sum_blocks
 from jaxrl_llm.hardware import peak_tflops
 from jaxrl_llm.losses import exploration as X
 from jaxrl_llm.metrics import mean_pass_at_k
@@ -79,17 +79,25 @@ def _take_rows(ro: Rollout, idx: np.ndarray) -> Rollout:
     return jax.tree.map(take, ro)
 
 
+_ROWS_AXES = ("data", "fsdp")
+
+
+def _rows_sharding(mesh, rows: int) -> NamedSharding:
+    """Where ``rows`` rows live: split over the mesh's data-parallel axes, or everywhere when they do not divide."""
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    return NamedSharding(mesh, P(_ROWS_AXES) if rows % ways == 0 else P())
+
+
 def _place_rows(tree, mesh):
     """Shard the row axis of every leaf over the mesh's data-parallel axes (axis 1 of MoE routes
     ``[L, N, T, k]``); left as is when the rows do not divide."""
-    rows_axes = ("data", "fsdp")
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
 
     def place(x):
         row_axis = 1 if getattr(x, "ndim", 0) == 4 else 0
         if getattr(x, "ndim", 0) == 0 or x.shape[row_axis] % ways:
             return x
-        spec = P(*([None] * row_axis), rows_axes)
+        spec = P(*([None] * row_axis), _ROWS_AXES)
         return jax.device_put(x, NamedSharding(mesh, spec))
 
     return jax.tree.map(place, tree)
@@ -177,8 +185,7 @@ class RLTrainer:
         # unembedding receive gradient)
         self._update_bupo = jit_update(a.bupo_layer) if a.bupo_steps else None
         self.critic = self._build_critic() if a.advantage == "gae" else None
-        # every process reads the same global batch of prompts (and computes the same rewards); the jitted
-        # sampler, scoring and update shard the work over the whole mesh
+        # every process reads only its share of each global batch of prompts (see _rollout)
         self.stream = PromptStream(load_rows(cfg.data), t.prompts_per_step, seed=cfg.data.seed,
                                    shuffle=cfg.data.shuffle)
         self.reward_fns = [(s.name, get_reward(s.name, **s.kwargs), s.weight) for s in cfg.reward.fns]
@@ -304,27 +311,40 @@ class RLTrainer:
         # updates between the weights that sampled and the weights that train
         return ro, rewards, per_fn, stats, dict(extra, rollout_staleness=float(stale))
 
-    def _rollout(self, rows: list[dict], state):
-        cfg = self.cfg
-        ids, mask = tokenize_prompts(self.tokenizer, [r["prompt"] for r in rows], cfg.data.max_prompt_tokens,
-                                     chat_template=cfg.data.chat_template)
+    def _rollout(self, state):
+        """One global batch of prompts sampled ``n`` times, with rewards. Each process reads only the prompts its
+        sampling devices hold and those of the rollout rows whose rewards it computes (its block of rows)."""
+        cfg, n, b = self.cfg, self.cfg.rollout.n, self.cfg.train.prompts_per_step
+        mesh = self.sampler_mesh or self.mesh
+        owned = owned_rows(b * n)
+        positions = np.union1d(rows_on_this_process(_rows_sharding(mesh, b), b), owned // n)
+        rows = dict(zip(positions.tolist(), self.stream.next_batch(positions)))
+        local_ids, local_mask = tokenize_prompts(self.tokenizer, [rows[i]["prompt"] for i in positions],
+                                                 cfg.data.max_prompt_tokens, chat_template=cfg.data.chat_template)
+        ids = np.zeros((b,) + local_ids.shape[1:], local_ids.dtype)
+        mask = np.zeros((b,) + local_mask.shape[1:], bool)
+        ids[positions], mask[positions] = local_ids, local_mask  # rows held elsewhere stay unread
         self.key, sub = jax.random.split(self.key)
         # prompts split over the data-parallel devices, so each samples its share instead of all of them
         with self._device_turn():
-            ids, mask = _place_rows((ids, mask), self.sampler_mesh or self.mesh)
+            # global arrays from the rows this process read (each device takes its own rows)
+            sharding = _rows_sharding(mesh, b)
+            ids, mask = (jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
+                         for x in (ids, mask))
             ro = self.sampler.generate(state, ids, mask, self.sampling, sub)
             if self.sampler_mesh is not None:  # back to the trainer's devices
                 ro = _place_rows(ro, self.mesh)
             tokens, lengths = host(ro.tokens), host(ro.lengths)
-        n = cfg.rollout.n
-        completions = self.tokenizer.batch_decode([tokens[i, :lengths[i]] for i in range(len(lengths))],
-                                                  skip_special_tokens=True)
-        prompts = [row["prompt"] for row in rows for _ in range(n)]
-        keys = [k for k in rows[0] if k != "prompt"]
-        columns = {k: [row.get(k) for row in rows for _ in range(n)] for k in keys}
-        rewards, per_fn, stats = compute_rewards(self.reward_fns, prompts, completions, columns,
-                                                 timeout=cfg.reward.timeout)
-        return ro, rewards, per_fn, stats, completions
+        completions = self.tokenizer.batch_decode([tokens[r, :lengths[r]] for r in owned], skip_special_tokens=True)
+        mine = [rows[r // n] for r in owned]
+        columns = {k: [row.get(k) for row in mine] for k in mine[0] if k != "prompt"}
+        rewards, per_fn, stats = compute_rewards(self.reward_fns, [row["prompt"] for row in mine], completions,
+                                                 columns, timeout=cfg.reward.timeout)
+        total = b * n
+        rewards = gather_blocks(rewards, total)
+        per_fn = {k: gather_blocks(v, total) for k, v in per_fn.items()}
+        # prompts_read: rows this process read (logged by process 0)
+        return ro, rewards, per_fn, dict(sum_blocks(stats, len(owned), total), prompts_read=len(positions))
 
     def _collect(self, state):
         """Rollouts for one step; with dynamic sampling, resample until enough groups are informative."""
@@ -332,7 +352,7 @@ class RLTrainer:
         parts, tries = [], 0
         while True:
             tries += 1
-            parts.append(self._rollout(self.stream.next_batch(), state))
+            parts.append(self._rollout(state))
             if not a.dynamic_sampling:
                 break
             informative = sum(int(A.informative_groups(p[1].reshape(-1, n)).sum()) for p in parts)
