@@ -295,7 +295,8 @@ class RLTrainer:
         if self.sampler_mesh is not None:
             return jax.device_put(state, NamedSharding(self.sampler_mesh, P()))
         if self._executor is not None:
-            return jax.tree.map(jnp.copy, state)
+            with self._device_turn():
+                return jax.tree.map(jnp.copy, state)
         return state
 
     def _next_rollouts(self):
@@ -324,9 +325,9 @@ class RLTrainer:
         ids = np.zeros((b,) + local_ids.shape[1:], local_ids.dtype)
         mask = np.zeros((b,) + local_mask.shape[1:], bool)
         ids[positions], mask[positions] = local_ids, local_mask  # rows held elsewhere stay unread
-        self.key, sub = jax.random.split(self.key)
         # prompts split over the data-parallel devices, so each samples its share instead of all of them
         with self._device_turn():
+            self.key, sub = jax.random.split(self.key)
             # global arrays from the rows this process read (each device takes its own rows)
             sharding = _rows_sharding(mesh, b)
             ids, mask = (jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
@@ -355,7 +356,8 @@ class RLTrainer:
             parts.append(self._rollout(state))
             if not a.dynamic_sampling:
                 break
-            informative = sum(int(A.informative_groups(p[1].reshape(-1, n)).sum()) for p in parts)
+            with self._device_turn():  # a (small) device program: device work takes turns, see _device_turn
+                informative = sum(int(A.informative_groups(p[1].reshape(-1, n)).sum()) for p in parts)
             if informative >= g or tries >= a.max_sampling_tries:
                 break
         with self._device_turn():
@@ -366,7 +368,8 @@ class RLTrainer:
         extra = {"sampling_tries": float(tries)}
         if a.dynamic_sampling:
             groups = rewards.reshape(-1, n)
-            info = np.asarray(A.informative_groups(groups))
+            with self._device_turn():
+                info = np.asarray(A.informative_groups(groups))
             order = np.concatenate([np.flatnonzero(info), np.flatnonzero(~info)])[:g]
             extra["dynamic_fill_rate"] = float(min(info.sum(), g) / g)
             rows = (order[:, None] * n + np.arange(n)[None]).reshape(-1)
@@ -407,7 +410,8 @@ class RLTrainer:
     def _device_turn(self):
         """Async rollouts on the trainer's own devices take turns with the update for the devices: two threads
         interleaving multi-device programs could run them in different orders on different devices and deadlock
-        in a collective. Host work (tokenising, decoding, rewards) still overlaps device work."""
+        in a collective. Every device call of either thread (even a copy or a key split) goes through it; host
+        work (tokenising, decoding, rewards) still overlaps device work."""
         return self._device_lock if self._device_lock is not None else contextlib.nullcontext()
 
     def train_step(self) -> dict[str, float]:
