@@ -407,32 +407,6 @@ def _abstract_opt_state(optimizer, params, mesh):
     return jax.tree.map(lambda x, s: _abstract(x.shape, x.dtype, s), shapes, shardings)
 
 
-def _loss_config(cfg):
-    """The trainer's :class:`LossConfig` (fields this version of it does not have are left out)."""
-    from jaxrl_llm.trainer.step import LossConfig
-
-    a, r = cfg.algorithm, cfg.rollout
-    values = dict(policy_loss=a.policy_loss, agg=a.loss_agg, clip_low=a.clip_low, clip_high=a.clip_high,
-                  dual_clip=a.dual_clip, kl_coef=0.0 if a.kl_in_reward else a.kl_coef, kl_estimator=a.kl_estimator,
-                  entropy_coef=a.entropy_coef, entropy_target=getattr(a, "entropy_target", None),
-                  entropy_token_frac=getattr(a, "entropy_token_frac", 1.0),
-                  agg_constant=a.agg_constant or float(r.max_new_tokens))
-    for name in ("cov_penalty", "clip_cov_ratio", "clip_cov_low", "clip_cov_high", "kl_cov_ratio", "kl_cov_coef"):
-        if hasattr(a, name):
-            values[name] = getattr(a, name)
-    names = {f.name for f in dataclasses.fields(LossConfig)}
-    return LossConfig(**{k: v for k, v in values.items() if k in names})
-
-
-def _optimizer(cfg):
-    from jaxrl_llm.trainer.optim import make_optimizer
-
-    a, t = cfg.algorithm, cfg.train
-    return make_optimizer(t.lr, steps=t.steps * a.ppo_epochs * a.minibatches, warmup_steps=t.warmup_steps,
-                          schedule=t.schedule, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
-                          grad_clip=t.grad_clip or None)
-
-
 def _micro_batches(cfg, mc, mesh, s: StepShapes):
     """The update's input: an Experience ``[num_micro, micro, ...]`` sharded over rows, as the trainer places it."""
     import jax.numpy as jnp
@@ -464,7 +438,7 @@ def _compile_update(cfg, mc, mesh, graphdef, params, rest, opt_state, optimizer,
     import jax
     import jax.numpy as jnp
     from jaxrl_llm.sampling import sequence_logprobs
-    from jaxrl_llm.trainer.step import make_update_step
+    from jaxrl_llm.trainer.step import LossConfig, make_update_step
 
     temperature, chunk = cfg.rollout.temperature, cfg.train.logprob_chunk
 
@@ -474,7 +448,7 @@ def _compile_update(cfg, mc, mesh, graphdef, params, rest, opt_state, optimizer,
 
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     param_sh, opt_sh, rest_sh = shardings(params), shardings(opt_state), shardings(rest)
-    step = jax.jit(make_update_step(graphdef, optimizer, _loss_config(cfg), logprob_fn, param_sh),
+    step = jax.jit(make_update_step(graphdef, optimizer, LossConfig.of(cfg), logprob_fn, param_sh),
                    in_shardings=(param_sh, rest_sh, opt_sh, None, None, None),
                    out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 2))
     micro = _micro_batches(cfg, mc, mesh, s)
@@ -578,6 +552,7 @@ def compile_plan(cfg, mc, sizes: dict[str, int], *, devices=None, cache: dict | 
     import jax
     from flax import nnx
     from jaxrl_llm.parallel import make_mesh
+    from jaxrl_llm.trainer.optim import run_optimizer
 
     n, k = math.prod(sizes.values()), cfg.rollout.sampler_devices
     devices = list(jax.devices()[:n + k] if devices is None else devices)
@@ -590,7 +565,7 @@ def compile_plan(cfg, mc, sizes: dict[str, int], *, devices=None, cache: dict | 
     sampler_mesh = make_mesh({"data": -1}, devices[n:]) if k else None
     s = step_shapes(cfg, sizes)
     model, graphdef, params, rest = _abstract_policy(cfg, mc, mesh)
-    optimizer = _optimizer(cfg)
+    optimizer = run_optimizer(cfg)
     opt_state = _abstract_opt_state(optimizer, params, mesh)
     state = nnx.merge_state(params, rest)
     sampler_state = _replicated_on(sampler_mesh, state) if k else state

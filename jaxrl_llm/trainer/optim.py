@@ -52,3 +52,12 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, params, replica
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     return optax.tree_map_params(optimizer, lambda _, sharding: sharding, shapes, param_sh,
                                  transform_non_params=lambda _: replicated)
+
+
+def run_optimizer(cfg, lr: float | None = None) -> optax.GradientTransformation:
+    """The optimizer of a run config (``TrainConfig``): one update per minibatch over the whole run; ``lr``
+    overrides ``train.lr`` (e.g. the critic's)."""
+    a, t = cfg.algorithm, cfg.train
+    return make_optimizer(t.lr if lr is None else lr, steps=t.steps * a.ppo_epochs * a.minibatches,
+                          warmup_steps=t.warmup_steps, schedule=t.schedule, weight_decay=t.weight_decay, b1=t.b1,
+                          b2=t.b2, grad_clip=t.grad_clip or None)

@@ -39,7 +39,7 @@ from jaxrl_llm.sampling import layer_entropies, routing_agreement, sequence_logp
 from jaxrl_llm.tokenizer import load_tokenizer
 from jaxrl_llm.tracking import MetricsLogger, Progress
 from jaxrl_llm.trainer.critic import init_value_head, make_critic_step, token_level_rewards, token_values
-from jaxrl_llm.trainer.optim import make_optimizer, opt_state_shardings
+from jaxrl_llm.trainer.optim import opt_state_shardings, run_optimizer
 from jaxrl_llm.trainer.step import Experience, LossConfig, make_update_step, minibatch_normalizer, split_micro
 
 __all__ = ["RLTrainer", "train"]
@@ -151,15 +151,7 @@ class RLTrainer:
                       if isinstance(i, int) and i >= 0 and i != self.tokenizer.unk_token_id)
         self.sampling = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
                                        max_new_tokens=r.max_new_tokens, n=r.n, stop_tokens=stops)
-        self.loss_cfg = LossConfig(policy_loss=a.policy_loss, agg=a.loss_agg, clip_low=a.clip_low,
-                                   clip_high=a.clip_high, dual_clip=a.dual_clip,
-                                   kl_coef=0.0 if a.kl_in_reward else a.kl_coef, kl_estimator=a.kl_estimator,
-                                   entropy_coef=a.entropy_coef, entropy_target=a.entropy_target,
-                                   entropy_token_frac=a.entropy_token_frac,
-                                   agg_constant=a.agg_constant or float(r.max_new_tokens),
-                                   cov_penalty=a.cov_penalty, clip_cov_ratio=a.clip_cov_ratio,
-                                   clip_cov_low=a.clip_cov_low, clip_cov_high=a.clip_cov_high,
-                                   kl_cov_ratio=a.kl_cov_ratio, kl_cov_coef=a.kl_cov_coef)
+        self.loss_cfg = LossConfig.of(cfg)
         self._check_model_switches()
         self.entropy_coef = float(a.entropy_coef)
         self.optimizer, self.opt_state = self._optimizer(t.lr, self.params)
@@ -218,10 +210,7 @@ class RLTrainer:
 
     def _optimizer(self, lr: float, params):
         """AdamW with the run's schedule (one update per minibatch) and its state placed on the mesh."""
-        a, t = self.cfg.algorithm, self.cfg.train
-        optimizer = make_optimizer(lr, steps=t.steps * a.ppo_epochs * a.minibatches, warmup_steps=t.warmup_steps,
-                                   schedule=t.schedule, weight_decay=t.weight_decay, b1=t.b1, b2=t.b2,
-                                   grad_clip=t.grad_clip or None)
+        optimizer = run_optimizer(self.cfg, lr)
         shardings = opt_state_shardings(optimizer, params, NamedSharding(self.mesh, P()))
         return optimizer, jax.jit(optimizer.init, out_shardings=shardings)(params)
 

@@ -68,6 +68,19 @@ class LossConfig:
     kl_cov_ratio: float = 2e-3
     kl_cov_coef: float = 1.0
 
+    @classmethod
+    def of(cls, cfg) -> "LossConfig":
+        """The loss settings of a run config (``TrainConfig``): its algorithm section, with the KL left to the reward
+        when ``kl_in_reward`` and the aggregation constant defaulting to the generation budget."""
+        a = cfg.algorithm
+        return cls(policy_loss=a.policy_loss, agg=a.loss_agg, clip_low=a.clip_low, clip_high=a.clip_high,
+                   dual_clip=a.dual_clip, kl_coef=0.0 if a.kl_in_reward else a.kl_coef, kl_estimator=a.kl_estimator,
+                   entropy_coef=a.entropy_coef, entropy_target=a.entropy_target,
+                   entropy_token_frac=a.entropy_token_frac,
+                   agg_constant=a.agg_constant or float(cfg.rollout.max_new_tokens),
+                   cov_penalty=a.cov_penalty, clip_cov_ratio=a.clip_cov_ratio, clip_cov_low=a.clip_cov_low,
+                   clip_cov_high=a.clip_cov_high, kl_cov_ratio=a.kl_cov_ratio, kl_cov_coef=a.kl_cov_coef)
+
     @property
     def entropy_bonus(self) -> bool:
         return bool(self.entropy_coef) or self.entropy_target is not None
