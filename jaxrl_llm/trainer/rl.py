@@ -32,7 +32,7 @@ from jaxrl_llm.hardware import peak_tflops
 from jaxrl_llm.losses import exploration as X
 from jaxrl_llm.metrics import mean_pass_at_k
 from jaxrl_llm.models import load_hf, save_hf
-from jaxrl_llm.parallel import make_mesh
+from jaxrl_llm.parallel import batch_sharding, make_mesh
 from jaxrl_llm.rewards import compute_rewards, get_reward
 from jaxrl_llm.sampling import Rollout, Sampler, SamplingParams, mismatch_metrics, rollout_logprobs, score
 from jaxrl_llm.sampling import layer_entropies, routing_agreement, sequence_logprobs
@@ -85,7 +85,7 @@ _ROWS_AXES = ("data", "fsdp")
 def _rows_sharding(mesh, rows: int) -> NamedSharding:
     """Where ``rows`` rows live: split over the mesh's data-parallel axes, or everywhere when they do not divide."""
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    return NamedSharding(mesh, P(_ROWS_AXES) if rows % ways == 0 else P())
+    return batch_sharding(mesh, ndim=1) if rows % ways == 0 else NamedSharding(mesh, P())
 
 
 def _place_rows(tree, mesh):
