@@ -126,6 +126,9 @@ class AlgorithmSection:
     entropy_coef: float = 0.0  # entropy bonus weight
     ppo_epochs: int = 1  # passes over each step's rollouts
     minibatches: int = 1  # optimizer updates per epoch (the step's responses are split into this many)
+    # old log-probs: "auto" takes them from the update's own forward (stop-gradient) when the step makes a single
+    # update on fresh rollouts and nothing else needs them first, saving a scoring pass; "score" always scores
+    old_logp: str = "auto"
     dynamic_sampling: bool = False  # DAPO: keep only groups whose rewards differ, resampling to fill the batch
     max_sampling_tries: int = 4  # rollout rounds per step at most, with dynamic sampling
     overlong_penalty: bool = False  # DAPO soft overlong punishment (tokens), L_max = rollout.max_new_tokens
@@ -480,6 +483,7 @@ def _check_algorithm(cfg: TrainConfig) -> None:
     _require(a.entropy_coef >= 0, "algorithm.entropy_coef", f"must be >= 0, got {a.entropy_coef}")
     _require(a.ppo_epochs >= 1, "algorithm.ppo_epochs", f"must be >= 1, got {a.ppo_epochs}")
     _require(a.minibatches >= 1, "algorithm.minibatches", f"must be >= 1, got {a.minibatches}")
+    _choice(a.old_logp, "algorithm.old_logp", ("auto", "score"))
     _require(a.max_sampling_tries >= 1, "algorithm.max_sampling_tries", f"must be >= 1, got {a.max_sampling_tries}")
     if a.overlong_penalty:
         _require(0 < a.overlong_cache <= r.max_new_tokens, "algorithm.overlong_cache",

@@ -177,3 +177,33 @@ def test_trimming_responses_keeps_every_sampled_token_and_its_score(tiny_model_d
     short, _ = score(graphdef, state, cut.prompt_ids, cut.prompt_mask, cut.tokens, cut.mask)
     np.testing.assert_allclose(np.asarray(short), np.asarray(full)[:, :cut.tokens.shape[1]], atol=1e-6)
     assert trim_responses(cut, multiple=8) is cut
+
+
+def test_old_logp_from_the_update_matches_a_scoring_pass(tiny_model_dir, tmp_path):
+    # one update per step (the grpo preset): skipping the scoring pass changes nothing but the time it took
+    runs = {}
+    for mode in ("auto", "score"):
+        cfg = _cfg(tiny_model_dir, tmp_path / mode, "grpo", "train.steps=2", "checkpoint.export_hf=false",
+                   f"algorithm.old_logp={mode}")
+        trainer = RLTrainer(cfg)
+        try:
+            assert trainer.old_logp_from_update == (mode == "auto")
+            trainer.train()
+        finally:
+            trainer.close()
+        runs[mode] = (_params(trainer), read_jsonl(os.path.join(tmp_path / mode, "metrics.jsonl")))
+    for x, y in zip(runs["auto"][0], runs["score"][0]):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
+    for fused, scored in zip(runs["auto"][1], runs["score"][1]):
+        for key in ("loss", "reward_mean", "entropy", "mismatch_abs_mean", "mismatch_abs_max"):
+            np.testing.assert_allclose(fused[key], scored[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_old_logp_scoring_pass_is_kept_when_needed(tiny_model_dir, tmp_path):
+    for extra in ("algorithm.minibatches=2", "algorithm.rollout_is=token", "algorithm.kl_coef=0.01",
+                  "rollout.consistency=exact"):
+        trainer = RLTrainer(_cfg(tiny_model_dir, tmp_path, "grpo", "checkpoint.export_hf=false", extra))
+        try:
+            assert not trainer.old_logp_from_update, extra
+        finally:
+            trainer.close()

@@ -11,10 +11,12 @@ from jaxrl_llm.sampling import sequence_logprobs
 from jaxrl_llm.trainer.step import Experience, LossConfig, make_update_step, minibatch_normalizer, split_micro
 
 
+_MODEL = ModelConfig(model_type="qwen3", vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=2,
+                     num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
+
+
 def _setup(agg):
-    cfg = ModelConfig(model_type="qwen3", vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True)
-    model = Decoder(cfg, rngs=nnx.Rngs(0))
+    model = Decoder(_MODEL, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     rng = np.random.default_rng(0)
     n, p, r = 8, 4, 6
@@ -65,3 +67,27 @@ def test_toy_grpo_raises_reward(capsys):
     out = capsys.readouterr().out
     first, last = (float(x) for x in out.strip().splitlines()[-1].split()[1:4:2])
     assert last > first + 0.2, out
+
+
+def test_old_logp_from_the_update_equals_a_scoring_pass():
+    # a single update on fresh rollouts: old log-probs taken from the update's own forward (stop-gradient) give the
+    # update that a separate scoring pass gives, and the mismatch metrics against the sampler's log-probs
+    params, rest, opt_state, exp, loss_cfg, update = _setup("seq-mean-token-mean")
+    model = Decoder(_MODEL, rngs=nnx.Rngs(0))  # the same weights as params
+    scored, _ = sequence_logprobs(model, exp.prompt_ids, exp.prompt_mask, exp.tokens, exp.mask, chunk=4)
+    rng = np.random.default_rng(1)
+    sampler = jnp.where(exp.mask, scored + jnp.asarray(1e-3 * rng.normal(size=scored.shape), jnp.float32), 0.0)
+    norm = minibatch_normalizer(exp.mask, loss_cfg)
+    with_pass = exp.replace(old_logp=scored, sampler_logp=sampler)
+    p1, _, m1 = update(params, rest, opt_state, split_micro(with_pass, 2), norm)
+    p2, _, m2 = update(params, rest, opt_state, split_micro(with_pass.replace(old_logp=None), 2), norm)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    d = np.where(exp.mask, np.asarray(scored) - np.asarray(sampler), 0.0)
+    count = exp.mask.sum()
+    np.testing.assert_allclose(float(m2["mismatch_abs_max"]), np.abs(d).max(), rtol=1e-3)
+    np.testing.assert_allclose(float(m2["mismatch_abs_mean"]), np.abs(d).sum() / count, rtol=1e-3)
+    np.testing.assert_allclose(float(m2["mismatch_kl"]), np.where(exp.mask, np.expm1(d) - d, 0).sum() / count,
+                               rtol=2e-2)
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5, atol=1e-7)
+    assert "mismatch_abs_max" not in m1

@@ -177,6 +177,7 @@ class RLTrainer:
         # unembedding receive gradient)
         self._update_bupo = jit_update(a.bupo_layer) if a.bupo_steps else None
         self.critic = self._build_critic() if a.advantage == "gae" else None
+        self.old_logp_from_update = self._old_logp_from_update()
         # every process reads only its share of each global batch of prompts (see _rollout)
         self.stream = PromptStream(load_rows(cfg.data), t.prompts_per_step, seed=cfg.data.seed,
                                    shuffle=cfg.data.shuffle)
@@ -198,6 +199,16 @@ class RLTrainer:
         if r.routing_replay and r.consistency == "exact":
             raise ValueError("rollout.routing_replay is implied by rollout.consistency=exact (the trainer replays "
                              "the sampler's computation); set routing_replay=false")
+
+    def _old_logp_from_update(self) -> bool:
+        """Whether old log-probs come from the update's own forward instead of a scoring pass: only for a single
+        update on fresh rollouts (the policy before it is the one that scores), when nothing needs them before
+        the update (rollout correction, KL to a reference, Differential Smoothing, BuPO) and the sampler is not
+        in exact mode (whose scoring pass replays the sampler's computation bit for bit)."""
+        a = self.cfg.algorithm
+        return (a.old_logp == "auto" and a.ppo_epochs * a.minibatches == 1 and a.rollout_is == "none"
+                and a.rollout_mask == "none" and self.ref_params is None and not (a.ds_gamma_pos or a.ds_gamma_neg)
+                and not a.bupo_steps and self.cfg.rollout.consistency != "exact")
 
     def _in_bupo_warmup(self) -> bool:
         return self._update_bupo is not None and self.step < self.cfg.algorithm.bupo_steps
@@ -422,10 +433,13 @@ class RLTrainer:
         state = nnx.merge_state(self.params, self.rest)
         temperature, chunk = cfg.rollout.temperature, cfg.train.logprob_chunk
         replay = ro.experts if cfg.rollout.routing_replay else None
-        with self._rows_split():
-            old_logp, _ = rollout_logprobs(self.sampler, self.graphdef, state, ro, temperature=temperature,
-                                           chunk=chunk, forced_experts=replay)
-        metrics: dict[str, Any] = dict(mismatch_metrics(ro.logprobs, old_logp, ro.mask))
+        metrics: dict[str, Any] = {}
+        old_logp = None  # from the update's forward, which also reports the mismatch
+        if not self.old_logp_from_update:
+            with self._rows_split():
+                old_logp, _ = rollout_logprobs(self.sampler, self.graphdef, state, ro, temperature=temperature,
+                                               chunk=chunk, forced_experts=replay)
+            metrics.update(mismatch_metrics(ro.logprobs, old_logp, ro.mask))
         metrics.update(self._diagnostics(state, ro))
         is_weights = None
         if a.rollout_is != "none" or a.rollout_mask != "none":

@@ -21,6 +21,7 @@ import optax
 
 from jaxrl_llm import losses as L
 from jaxrl_llm.losses import exploration as X
+from jaxrl_llm.sampling.consistency import mismatch_metrics
 
 __all__ = ["Experience", "LossConfig", "make_update_step", "split_micro", "minibatch_normalizer", "accumulate",
            "apply_if_finite"]
@@ -35,7 +36,9 @@ class Experience:
     tokens: jax.Array  # int32[N, R] response tokens (padding after the end)
     mask: jax.Array  # bool[N, R] tokens that enter the loss
     advantages: jax.Array  # float32[N, R]
-    old_logp: jax.Array  # float32[N, R] log-probs under the policy that sampled (trainer numerics)
+    # float32[N, R] log-probs under the policy that sampled (trainer numerics); None: the update's own forward
+    # provides them (stop-gradient), valid when the step makes a single update on fresh rollouts
+    old_logp: jax.Array | None
     ref_logp: jax.Array | None = None  # float32[N, R], only with a KL term in the loss
     is_weights: jax.Array | None = None  # float32[N, R] rollout-correction weights
     forced_experts: jax.Array | None = None  # int32[L, N, P+R, k] recorded MoE routing to replay
@@ -117,9 +120,10 @@ def split_micro(exp: Experience, num_micro: int) -> Experience:
     return exp
 
 
-def accumulate(micro_grads: Callable[[Any], Any], micro_batches, grad_shardings=None):
+def accumulate(micro_grads: Callable[[Any], Any], micro_batches, grad_shardings=None, maxed=frozenset()):
     """Sum ``micro_grads(micro) -> (grads, metrics)`` over the leading micro-batch axis of ``micro_batches`` with a
-    ``lax.scan``, so only one micro-batch's activations are live at a time.
+    ``lax.scan``, so only one micro-batch's activations are live at a time. Metrics named in ``maxed`` (non-negative)
+    take the maximum instead of the sum.
 
     ``grad_shardings`` (the parameters' shardings) pins the gradient accumulator to them: it starts as zeros,
     which XLA would otherwise be free to replicate on every device."""
@@ -132,8 +136,13 @@ def accumulate(micro_grads: Callable[[Any], Any], micro_batches, grad_shardings=
 
     zeros = pin(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(micro_grads, first)))
 
+    def combine(acc, new):
+        grads = jax.tree.map(jnp.add, acc[0], new[0])
+        metrics = {k: (jnp.maximum if k in maxed else jnp.add)(v, new[1][k]) for k, v in acc[1].items()}
+        return grads, metrics
+
     def body(acc, micro):
-        return pin(jax.tree.map(jnp.add, acc, micro_grads(micro))), None
+        return pin(combine(acc, micro_grads(micro))), None
 
     total, _ = jax.lax.scan(body, zeros, micro_batches)
     return total
@@ -154,7 +163,7 @@ def apply_if_finite(optimizer: optax.GradientTransformation, grads, params, opt_
 LogprobFn = Callable[[Any, Experience], tuple[jax.Array, jax.Array]]
 
 
-def _token_gates(cfg: LossConfig, logp, entropy, micro: Experience, key, metrics: dict):
+def _token_gates(cfg: LossConfig, logp, old_logp, entropy, micro: Experience, key, metrics: dict):
     """Tokens whose policy gradient is stopped (high-entropy-token training, Clip-Cov) and KL-Cov's extra loss
     per token; fills the selection metrics."""
     mask = micro.mask.astype(bool)
@@ -170,7 +179,7 @@ def _token_gates(cfg: LossConfig, logp, entropy, micro: Experience, key, metrics
         metrics["cov_mean"] = cov.sum() / n
         metrics["cov_max"] = jnp.where(mask.any(), jnp.max(jnp.where(mask, cov, -jnp.inf)), 0.0)
         if cfg.cov_penalty == "clip_cov":
-            ratio = jnp.exp(jax.lax.stop_gradient(logp) - micro.old_logp)
+            ratio = jnp.exp(jax.lax.stop_gradient(logp) - old_logp)
             adv = micro.advantages
             ppo_clipped = ((adv > 0) & (ratio > 1 + cfg.clip_high)) | ((adv < 0) & (ratio < 1 - cfg.clip_low))
             chosen = X.clip_cov_select(cov, mask, key, ratio=cfg.clip_cov_ratio, low=cfg.clip_cov_low,
@@ -178,7 +187,7 @@ def _token_gates(cfg: LossConfig, logp, entropy, micro: Experience, key, metrics
             stop = stop | chosen
         else:
             chosen = X.kl_cov_select(cov, mask, ratio=cfg.kl_cov_ratio)
-            extra = jnp.where(chosen, jnp.abs(logp - micro.old_logp), 0.0)
+            extra = jnp.where(chosen, jnp.abs(logp - old_logp), 0.0)
         metrics["cov_selected"] = chosen.sum().astype(jnp.float32)
     return stop, extra
 
@@ -201,8 +210,13 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, cfg: Los
         model = flax.nnx.merge(graphdef, params, rest)
         logp, entropy = logprob_fn(model, micro)
         metrics: dict[str, jax.Array] = {}
-        stop, extra = _token_gates(cfg, logp, entropy, micro, control["key"], metrics)
-        loss, policy_metrics = policy_fn(X.gate_gradient(logp, stop), micro.old_logp, micro.advantages,
+        old_logp = micro.old_logp
+        if old_logp is None:  # one update on fresh rollouts: the policy before it is the one being differentiated
+            old_logp = jax.lax.stop_gradient(logp)
+            if micro.sampler_logp is not None:  # the sampler-trainer mismatch, without a scoring pass of its own
+                metrics.update(mismatch_metrics(micro.sampler_logp, old_logp, micro.mask))
+        stop, extra = _token_gates(cfg, logp, old_logp, entropy, micro, control["key"], metrics)
+        loss, policy_metrics = policy_fn(X.gate_gradient(logp, stop), old_logp, micro.advantages,
                                          micro.mask, agg=cfg.agg, is_weights=micro.is_weights,
                                          normalizer=normalizer, **knobs)
         metrics.update(policy_metrics)
@@ -244,9 +258,9 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, cfg: Los
             # summed losses already carry the global normaliser; metrics that are per-micro means are
             # re-weighted by each micro-batch's share of the tokens
             share = micro.mask.sum() / weight_total
-            return grads, {k: (v if k in _SUMMED else v * share) for k, v in metrics.items()}
+            return grads, {k: (v if k in _SUMMED or k in _MAXED else v * share) for k, v in metrics.items()}
 
-        grads, metrics = accumulate(micro_grads, (micro_batches, jnp.arange(num_micro)), param_shardings)
+        grads, metrics = accumulate(micro_grads, (micro_batches, jnp.arange(num_micro)), param_shardings, _MAXED)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
         new_params, new_opt_state = apply_if_finite(optimizer, grads, params, opt_state, finite)
@@ -260,5 +274,7 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, cfg: Los
     return update
 
 
-# loss terms that are sums over micro-batches (global normaliser); everything else is a per-micro mean
+# loss terms that are sums over micro-batches (global normaliser); maxima over micro-batches; everything else is a
+# per-micro mean
 _SUMMED = frozenset({"loss", "policy_loss", "entropy", "kl_loss", "kl_cov_loss", "cov_selected", "pg_tokens"})
+_MAXED = frozenset({"mismatch_abs_max"})
