@@ -8,10 +8,8 @@ interrupted run continues exactly as an uninterrupted one would.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -45,6 +43,12 @@ from jaxrl_llm.trainer.step import Experience, LossConfig, make_update_step, min
 __all__ = ["RLTrainer", "train"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# Each as one program: op-by-op dispatch over a mesh puts many small independent collective programs in flight at
+# once, which XLA:CPU's in-process collectives can deadlock on.
+_mismatch_metrics = jax.jit(mismatch_metrics)
+_rollout_correction = jax.jit(L.rollout_correction, static_argnames=("is_level", "cap", "mask_level", "low", "high"))
 
 
 def _concat_rollouts(parts: list[Rollout]) -> Rollout:
@@ -135,9 +139,8 @@ class RLTrainer:
         self.mesh = make_mesh(dataclasses.asdict(cfg.mesh), devices)
         # disaggregated mode: the sampler has devices of its own and receives the weights after every update
         self.sampler_mesh = make_mesh({"data": -1}, sampler_devices) if sampler_devices else None
-        self._pending = None  # the next step's rollouts, sampled in the background (rollout.async_rollout)
+        self._pending = None  # the next step's rollouts, in the making (rollout.async_rollout)
         self._executor = ThreadPoolExecutor(max_workers=1) if cfg.rollout.async_rollout else None
-        self._device_lock = threading.Lock() if self._executor and not self.sampler_mesh else None
         self.devices = devices + sampler_devices
         self.peak_tflops = cfg.log.peak_tflops or peak_tflops(self.devices[0].device_kind)
         model, self.model_cfg = self._load_model()
@@ -295,26 +298,41 @@ class RLTrainer:
         if self.sampler_mesh is not None:
             return jax.device_put(state, NamedSharding(self.sampler_mesh, P()))
         if self._executor is not None:
-            with self._device_turn():
-                return jax.tree.map(jnp.copy, state)
+            return jax.tree.map(jnp.copy, state)
         return state
 
     def _next_rollouts(self):
-        """This step's rollouts. Async mode samples the next step's while this one trains, from the weights
-        before this step's update (one step off-policy); the first step samples synchronously."""
+        """This step's rollouts. Async mode samples the next step's from the weights before this step's update
+        (one step off-policy); the first step (and the first after a resume) samples synchronously.
+
+        With its own sampler devices the whole collection runs in a background thread while this step trains.
+        On the trainer's own devices every device call stays on this thread (two threads' multi-device programs
+        in flight at once can deadlock XLA's collectives): the next step's first round is sampled here, before
+        this step's update, and only its host work (decoding, rewards) overlaps the update."""
         if self._executor is None:
             return self._collect(self._sampler_state())
-        stale = self._pending is not None  # the first step (and the first after a resume) samples in sync
-        if not stale:
+        stale = self._pending is not None
+        if self.sampler_mesh is not None:
+            if not stale:
+                self._pending = self._executor.submit(self._collect, self._sampler_state())
+            collected = self._pending.result()
             self._pending = self._executor.submit(self._collect, self._sampler_state())
-        ro, rewards, per_fn, stats, extra = self._pending.result()
-        self._pending = self._executor.submit(self._collect, self._sampler_state())
+        else:
+            state, first = self._pending if stale else (self._sampler_state(), None)
+            collected = self._collect(state, first)
+            state = self._sampler_state()
+            self._pending = (state, self._executor.submit(self._finish_rollout, self._sample(state)))
+        ro, rewards, per_fn, stats, extra = collected
         # updates between the weights that sampled and the weights that train
         return ro, rewards, per_fn, stats, dict(extra, rollout_staleness=float(stale))
 
     def _rollout(self, state):
-        """One global batch of prompts sampled ``n`` times, with rewards. Each process reads only the prompts its
-        sampling devices hold and those of the rollout rows whose rewards it computes (its block of rows)."""
+        return self._finish_rollout(self._sample(state))
+
+    def _sample(self, state) -> dict:
+        """Device part of one rollout round: a global batch of prompts sampled ``n`` times. Each process reads
+        only the prompts its sampling devices hold and those of the rollout rows whose rewards it computes (its
+        block of rows)."""
         cfg, n, b = self.cfg, self.cfg.rollout.n, self.cfg.train.prompts_per_step
         mesh = self.sampler_mesh or self.mesh
         owned = owned_rows(b * n)
@@ -326,55 +344,57 @@ class RLTrainer:
         mask = np.zeros((b,) + local_mask.shape[1:], bool)
         ids[positions], mask[positions] = local_ids, local_mask  # rows held elsewhere stay unread
         # prompts split over the data-parallel devices, so each samples its share instead of all of them
-        with self._device_turn():
-            self.key, sub = jax.random.split(self.key)
-            # global arrays from the rows this process read (each device takes its own rows)
-            sharding = _rows_sharding(mesh, b)
-            ids, mask = (jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
-                         for x in (ids, mask))
-            ro = self.sampler.generate(state, ids, mask, self.sampling, sub)
-            if self.sampler_mesh is not None:  # back to the trainer's devices
-                ro = _place_rows(ro, self.mesh)
-            tokens, lengths = host(ro.tokens), host(ro.lengths)
+        self.key, sub = jax.random.split(self.key)
+        # global arrays from the rows this process read (each device takes its own rows)
+        sharding = _rows_sharding(mesh, b)
+        ids, mask = (jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index]) for x in (ids, mask))
+        ro = self.sampler.generate(state, ids, mask, self.sampling, sub)
+        if self.sampler_mesh is not None:  # back to the trainer's devices
+            ro = _place_rows(ro, self.mesh)
+        return dict(ro=ro, rows=rows, owned=owned, positions=positions, tokens=host(ro.tokens),
+                    lengths=host(ro.lengths))
+
+    def _finish_rollout(self, sample: dict):
+        """Host part of one rollout round (no device calls): decoding and the rewards of this process's rows."""
+        n, owned, rows, tokens, lengths = self.cfg.rollout.n, sample["owned"], sample["rows"], sample["tokens"], \
+            sample["lengths"]
         completions = self.tokenizer.batch_decode([tokens[r, :lengths[r]] for r in owned], skip_special_tokens=True)
         mine = [rows[r // n] for r in owned]
         columns = {k: [row.get(k) for row in mine] for k in mine[0] if k != "prompt"}
         rewards, per_fn, stats = compute_rewards(self.reward_fns, [row["prompt"] for row in mine], completions,
-                                                 columns, timeout=cfg.reward.timeout)
-        total = b * n
+                                                 columns, timeout=self.cfg.reward.timeout)
+        total = len(tokens)
         rewards = gather_blocks(rewards, total)
         per_fn = {k: gather_blocks(v, total) for k, v in per_fn.items()}
         # prompts_read: rows this process read (logged by process 0)
-        return ro, rewards, per_fn, dict(sum_blocks(stats, len(owned), total), prompts_read=len(positions))
+        return sample["ro"], rewards, per_fn, dict(sum_blocks(stats, len(owned), total),
+                                                   prompts_read=len(sample["positions"]))
 
-    def _collect(self, state):
-        """Rollouts for one step; with dynamic sampling, resample until enough groups are informative."""
+    def _collect(self, state, first=None):
+        """Rollouts for one step; with dynamic sampling, resample until enough groups are informative. ``first``
+        (a future) holds a first round already sampled from ``state``."""
         a, n, g = self.cfg.algorithm, self.cfg.rollout.n, self.cfg.train.prompts_per_step
         parts, tries = [], 0
         while True:
             tries += 1
-            parts.append(self._rollout(state))
+            parts.append(first.result() if first is not None and tries == 1 else self._rollout(state))
             if not a.dynamic_sampling:
                 break
-            with self._device_turn():  # a (small) device program: device work takes turns, see _device_turn
-                informative = sum(int(A.informative_groups(p[1].reshape(-1, n)).sum()) for p in parts)
+            informative = sum(int(np.asarray(A.informative_groups(p[1].reshape(-1, n))).sum()) for p in parts)
             if informative >= g or tries >= a.max_sampling_tries:
                 break
-        with self._device_turn():
-            ro = _concat_rollouts([p[0] for p in parts])
+        ro = _concat_rollouts([p[0] for p in parts])
         rewards = np.concatenate([p[1] for p in parts])
         per_fn = {k: np.concatenate([p[2][k] for p in parts]) for k in parts[0][2]}
         stats = {k: sum(p[3][k] for p in parts) for k in parts[0][3]}
         extra = {"sampling_tries": float(tries)}
         if a.dynamic_sampling:
             groups = rewards.reshape(-1, n)
-            with self._device_turn():
-                info = np.asarray(A.informative_groups(groups))
+            info = np.asarray(A.informative_groups(groups))
             order = np.concatenate([np.flatnonzero(info), np.flatnonzero(~info)])[:g]
             extra["dynamic_fill_rate"] = float(min(info.sum(), g) / g)
             rows = (order[:, None] * n + np.arange(n)[None]).reshape(-1)
-            with self._device_turn():
-                ro = _take_rows(ro, rows)
+            ro = _take_rows(ro, rows)
             rewards = rewards[rows]
             per_fn = {k: v[rows] for k, v in per_fn.items()}
         return ro, rewards, per_fn, stats, extra
@@ -407,18 +427,9 @@ class RLTrainer:
         decode steps moving the activations is cheaper than moving the weights."""
         return jax.set_mesh(self.mesh)
 
-    def _device_turn(self):
-        """Async rollouts on the trainer's own devices take turns with the update for the devices: two threads
-        interleaving multi-device programs could run them in different orders on different devices and deadlock
-        in a collective. Every device call of either thread (even a copy or a key split) goes through it; host
-        work (tokenising, decoding, rewards) still overlaps device work."""
-        return self._device_lock if self._device_lock is not None else contextlib.nullcontext()
-
     def train_step(self) -> dict[str, float]:
         t0 = time.perf_counter()
-        collected = self._next_rollouts()
-        with self._device_turn():
-            return self._train_on(collected, t0)
+        return self._train_on(self._next_rollouts(), t0)
 
     def _train_on(self, collected, t0: float) -> dict[str, float]:
         cfg, a = self.cfg, self.cfg.algorithm
@@ -439,11 +450,11 @@ class RLTrainer:
             with self._rows_split():
                 old_logp, _ = rollout_logprobs(self.sampler, self.graphdef, state, ro, temperature=temperature,
                                                chunk=chunk, forced_experts=replay)
-            metrics.update(mismatch_metrics(ro.logprobs, old_logp, ro.mask))
+            metrics.update(_mismatch_metrics(ro.logprobs, old_logp, ro.mask))
         metrics.update(self._diagnostics(state, ro))
         is_weights = None
         if a.rollout_is != "none" or a.rollout_mask != "none":
-            is_weights, rc = L.rollout_correction(old_logp, ro.logprobs, ro.mask, is_level=a.rollout_is,
+            is_weights, rc = _rollout_correction(old_logp, ro.logprobs, ro.mask, is_level=a.rollout_is,
                                                   cap=a.rollout_is_cap, mask_level=a.rollout_mask,
                                                   low=a.rollout_mask_low, high=a.rollout_mask_high)
             metrics.update(rc)
