@@ -18,11 +18,21 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
 fi
+# the stamp holds the pyproject.toml hash and the extras installed with it; asking for a subset installs nothing
 stamp="$venv/.jaxrl_llm-installed"
-want="$(cat "$repo/pyproject.toml" | sha256sum | cut -c1-16)-$extras"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "[setup] installing jaxrl_llm[$extras] (first run downloads the dependencies)"
-  "$venv/bin/python" -m pip install --quiet --progress-bar off -e "$repo[$extras]"
-  echo "$want" > "$stamp"
+hash="$(sha256sum < "$repo/pyproject.toml" | cut -c1-16)"
+have=""
+if [ -f "$stamp" ] && [ "$(cut -d' ' -f1 "$stamp")" = "$hash" ]; then have="$(cut -s -d' ' -f2 "$stamp")"; fi
+missing=""
+for e in ${extras//,/ }; do
+  case ",$have," in *",$e,"*) ;; *) missing=1 ;; esac
+done
+if [ ! -f "$stamp" ] || [ "$(cut -d' ' -f1 "$stamp")" != "$hash" ] || [ -n "$missing" ]; then
+  all="$extras"
+  if [ -n "$have" ]; then all="$have,$extras"; fi
+  all="$(tr ',' '\n' <<< "$all" | sed '/^$/d' | sort -u | paste -sd, -)"
+  echo "[setup] installing jaxrl_llm[$all] (first run downloads the dependencies)"
+  "$venv/bin/python" -m pip install --quiet --progress-bar off -e "$repo[$all]"
+  echo "$hash $all" > "$stamp"
 fi
 echo "[setup] ready: $venv"
