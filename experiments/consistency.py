@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-root", default=os.path.join(ROOT, "runs", "exp_consistency"))
-    ap.add_argument("--sft-dir", default=None, help="reuse this dense SFT checkpoint (the main job's recipe)")
+    ap.add_argument("--sft-dir", default=None, help="reuse this dense SFT checkpoint (made with the recipe of experiments/common.py)")
     ap.add_argument("--skip-moe", action="store_true")
     ap.add_argument("--moe-sft-steps", type=int, default=None, help="SFT steps of the MoE policy (default: main job's)")
     ap.add_argument("--moe-rl-steps", type=int, default=None, help="RL steps of the MoE runs (default: main job's)")
@@ -108,8 +108,7 @@ def main(argv=None) -> int:
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("moe_sft_steps", args.moe_sft_steps),
                                                                  ("moe_rl_steps", args.moe_rl_steps)) if v)
     lines += ["", f"Reproduce: `python experiments/consistency.py --seed {args.seed}{flags}"
-                  f"{' --skip-moe' if args.skip_moe else ''}` (add `--sft-dir runs/main/sft` to reuse the main "
-                  "job's SFT checkpoint)"]
+                  f"{' --skip-moe' if args.skip_moe else ''}`"]
     write_section(f"consistency-seed{args.seed}", "\n".join(lines))
     say("tables written to docs/experiments.md")
     return 0

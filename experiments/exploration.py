@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-root", default=os.path.join(ROOT, "runs", "exp_exploration"))
-    ap.add_argument("--sft-dir", default=None, help="reuse this SFT checkpoint (must be the main job's recipe)")
+    ap.add_argument("--sft-dir", default=None, help="reuse this SFT checkpoint (made with the recipe of experiments/common.py)")
     args = ap.parse_args(argv)
     setup = Setup(args.run_root, args.seed, sft_dir=args.sft_dir)
     setup.ensure_sft()
@@ -55,8 +55,7 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | `{' '.join(overrides) or '-'}` | {result['pass@1']:.3f} | {result['pass@16']:.3f} "
                      f"| {mean_of(rows[:5], 'entropy'):.3f} | {mean_of(rows, 'entropy', last=5):.3f} | {seconds:.0f} |")
     lines += ["", f"![exploration](img/{os.path.basename(img)})", "",
-              f"Reproduce: `python experiments/exploration.py --seed {args.seed}` (add `--sft-dir runs/main/sft` to "
-              "reuse the main job's SFT checkpoint)"]
+              f"Reproduce: `python experiments/exploration.py --seed {args.seed}`"]
     write_section(f"exploration-seed{args.seed}", "\n".join(lines))
     say(f"table written to docs/experiments.md, plot to {img}")
     return 0

@@ -28,7 +28,7 @@ class ModelSpec:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
-    seed: int = 0
+    seed: int | None = None  # initialisation seed (None: the run's seed)
     num_experts: int = 0  # > 0: every MLP is a mixture of this many experts (a Qwen3-MoE-style policy)
     num_experts_per_tok: int = 2
     moe_intermediate_size: int = 256
@@ -56,7 +56,9 @@ class RLSpec:
     preset: str = "grpo"  # a YAML file in configs/
     # difficulties trained by RL; empty: chosen from the SFT evaluation (the edge of competence)
     difficulties: list[int] = field(default_factory=list)
-    edge_low: float = 0.1  # edge of competence: SFT pass@1 strictly between these bounds
+    # edge of competence: SFT pass@1 strictly between these bounds; the low one sits well above chance (one digit
+    # in ten), where rewarded samples are mostly lucky guesses and reinforcing them teaches noise
+    edge_low: float = 0.25
     edge_high: float = 0.8
     overrides: list[str] = field(default_factory=list)
 
@@ -130,7 +132,8 @@ def run_sft_stage(cfg: PipelineConfig, task, tok, out_dir: str, run_dir: str | N
     from jaxrl_llm.sft import run_sft
     from jaxrl_llm.tasks import worked_solution
 
-    model = Decoder(policy_config(cfg, tok), rngs=nnx.Rngs(cfg.model.seed))
+    init_seed = cfg.seed if cfg.model.seed is None else cfg.model.seed
+    model = Decoder(policy_config(cfg, tok), rngs=nnx.Rngs(init_seed))
     slips = random.Random(f"slips-{cfg.seed}")
     examples = ((p.model_input, worked_solution(p.prompt, slips, cfg.sft.slip_rate))
                 for p in task.stream("train", cfg.seed, difficulties=tuple(cfg.sft.difficulties)))
@@ -145,9 +148,12 @@ def rl_overrides(cfg: PipelineConfig, task, tok, sft_dir: str, rl_dir: str, diff
     """The RL stage's config overrides: start from the SFT checkpoint, train on ``difficulties``."""
     # rollouts only as long as the hardest RL problem needs, plus room to ramble (which rewards then judge)
     rl_prompt_len, rl_target_len = _longest(task, tok, difficulties)
+    max_new = min(cfg.max_new_tokens, rl_target_len + 16)
+    # DAPO's soft overlong penalty starts after the longest correct solution, never on one
+    cache = max(max_new - rl_target_len, 1)
     return [f"model.path={sft_dir}", f"log.run_dir={rl_dir}",
             "data.source=task", f"data.max_prompt_tokens={rl_prompt_len}",
-            f"rollout.max_new_tokens={min(cfg.max_new_tokens, rl_target_len + 16)}", f"data.seed={cfg.seed}",
+            f"rollout.max_new_tokens={max_new}", f"algorithm.overlong_cache={cache}", f"data.seed={cfg.seed}",
             f"train.seed={cfg.seed}", "data.task_kwargs=" + json.dumps(
                 {"difficulties": list(difficulties), "max_ops": max(difficulties), "num_problems": 20000,
                  **dataclasses.asdict(cfg.task)}), "checkpoint.resume=false", *cfg.rl.overrides]
