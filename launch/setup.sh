@@ -21,13 +21,13 @@ fi
 # the stamp holds the pyproject.toml hash and the extras installed with it; asking for a subset installs nothing
 stamp="$venv/.jaxrl_llm-installed"
 hash="$(sha256sum < "$repo/pyproject.toml" | cut -c1-16)"
-have=""
-if [ -f "$stamp" ] && [ "$(cut -d' ' -f1 "$stamp")" = "$hash" ]; then have="$(cut -s -d' ' -f2 "$stamp")"; fi
+current="" have=""
+if [ -f "$stamp" ] && [ "$(cut -d' ' -f1 "$stamp")" = "$hash" ]; then current=1 have="$(cut -s -d' ' -f2 "$stamp")"; fi
 missing=""
 for e in ${extras//,/ }; do
   case ",$have," in *",$e,"*) ;; *) missing=1 ;; esac
 done
-if [ ! -f "$stamp" ] || [ "$(cut -d' ' -f1 "$stamp")" != "$hash" ] || [ -n "$missing" ]; then
+if [ -z "$current" ] || [ -n "$missing" ]; then
   all="$extras"
   if [ -n "$have" ]; then all="$have,$extras"; fi
   all="$(tr ',' '\n' <<< "$all" | sed '/^$/d' | sort -u | paste -sd, -)"

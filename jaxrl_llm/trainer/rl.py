@@ -356,8 +356,8 @@ class RLTrainer:
 
     def _finish_rollout(self, sample: dict):
         """Host part of one rollout round (no device calls): decoding and the rewards of this process's rows."""
-        n, owned, rows, tokens, lengths = self.cfg.rollout.n, sample["owned"], sample["rows"], sample["tokens"], \
-            sample["lengths"]
+        n = self.cfg.rollout.n
+        owned, rows, tokens, lengths = (sample[k] for k in ("owned", "rows", "tokens", "lengths"))
         completions = self.tokenizer.batch_decode([tokens[r, :lengths[r]] for r in owned], skip_special_tokens=True)
         mine = [rows[r // n] for r in owned]
         columns = {k: [row.get(k) for row in mine] for k in mine[0] if k != "prompt"}
