@@ -24,7 +24,7 @@ class KVCache:
     """Fixed-size key/value cache for incremental decoding (a pytree; carried through ``lax.while_loop``)."""
 
     # one array per layer (not one stacked array), so a decode step updates each layer's slots in place
-    k: tuple[jax.Array, ...]  # L x [B, n_kv, S, head_dim]
+    k: tuple[jax.Array, ...]  # L x [B, n_kv, head_dim, S]
     v: tuple[jax.Array, ...]  # L x [B, n_kv, S, head_dim]
     index: jax.Array  # int32 scalar: next free slot
     mask: jax.Array  # bool [B, S]: slot holds a real token
@@ -39,9 +39,10 @@ class KVCache:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-    return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
+    v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    return KVCache(k=tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)),
+                   v=tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers)),
                    index=jnp.zeros((), jnp.int32), mask=jnp.zeros((batch, max_len), bool))
 
 

@@ -95,7 +95,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 @flax.struct.dataclass
 class LayerCache:
-    k: jax.Array  # [B, n_kv, S, head_dim]
+    k: jax.Array  # [B, n_kv, head_dim, S]
     v: jax.Array
 
 
@@ -140,21 +140,22 @@ class Attention(nnx.Module):
             # keys/values [B, S, kv, d] straight from the projection
             scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
         else:
-            # the cache is kept heads-major [B, kv, S, d]: the decode step reads it contiguously, and the update
-            # writes only the new slots in place
+            # the cache is kept heads-major, keys as [B, kv, d, S] and values as [B, kv, S, d]: both decode-step
+            # products then reduce over a non-minor axis (vectorised along S resp. d, no horizontal sums), and the
+            # update writes only the new slots in place
             k_all = jax.lax.dynamic_update_slice_in_dim(
-                cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), cache_index, axis=2)
+                cache.k, k.transpose(0, 2, 3, 1).astype(cache.k.dtype), cache_index, axis=3)
             v_all = jax.lax.dynamic_update_slice_in_dim(
                 cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), cache_index, axis=2)
             cache = LayerCache(k_all, v_all)
             k, v = k_all.astype(dt), v_all.astype(dt)
             if t == 1:
-                # one query per row (decoding): a multiply-reduce over the contiguous head_dim fuses into a single
-                # pass over the cache, much cheaper on CPU than many tiny batched matrix products
-                scores = jnp.sum(qg[:, 0, :, :, None, :].astype(jnp.float32) * k[:, :, None].astype(jnp.float32),
-                                 axis=-1)[:, :, :, None, :]
+                # one query per row (decoding): multiply-reduce instead of many tiny batched matrix products
+                scores = jnp.sum(qg[:, 0, :, :, :, None].astype(jnp.float32) * k[:, :, None].astype(jnp.float32),
+                                 axis=3)[:, :, :, None, :]
             else:
-                scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
+                # in float32: XLA:CPU has no bf16 x bf16 -> f32 product for this key layout
+                scores = jnp.einsum("btkgd,bkds->bkgts", qg.astype(jnp.float32), k.astype(jnp.float32))
         scores = scores * (1.0 / math.sqrt(cfg.head_dim))
         scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
