@@ -178,6 +178,9 @@ class TrainSection:
     b2: float = 0.999  # Adam beta2
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
     logprob_chunk: int = 512  # vocabulary chunk of the log-prob/entropy kernel
+    # score and update each prompt once for its rollout.n samples (its keys/values are shared by them); applies
+    # when rollout.n > 1 and micro_batch_size is a multiple of rollout.n (minibatches then hold whole groups)
+    share_prompts: bool = True
 
 
 @dataclass

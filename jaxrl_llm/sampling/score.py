@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrl_llm.losses import token_logprobs_and_entropy
-from jaxrl_llm.models import left_pad_positions
+from jaxrl_llm.models import init_cache, left_pad_positions
 
 __all__ = ["response_hidden", "sequence_logprobs", "score", "rollout_logprobs", "layer_entropies",
            "routing_agreement"]
@@ -26,13 +26,23 @@ def _forward(model, prompt_ids, prompt_mask, tokens, mask, **kwargs):
     return model(ids, left_pad_positions(full_mask), attention_mask=full_mask, **kwargs), full_mask
 
 
-def response_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_experts=None, layer: int | None = None):
+def response_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_experts=None, layer: int | None = None,
+                    group: int = 1):
     """Final hidden states ``[N, R, H]`` that predict each response token: one forward over ``[prompt | response]``.
 
     The hidden state at position i predicts token i + 1, so response token t is predicted at ``P - 1 + t``.
     With ``layer = l`` the states are layer l's residual stream (0-based) through the final norm: the read-out
     of an internal layer policy (logit lens). Layers above l then take no part in the result.
+
+    ``group = n > 1`` says every run of ``n`` consecutive rows shares one prompt (the ``n`` samples of a prompt):
+    each prompt is then run once, its keys and values are repeated for its rows and only the responses are run
+    on top (:func:`_shared_prompt_hidden`); mathematically the same states, with the prompt's share of the
+    arithmetic (and of the backward pass) divided by ``n``.
     """
+    if group > 1:
+        if layer is not None:
+            raise ValueError("group > 1 (shared prompts) cannot read out an internal layer")
+        return _shared_prompt_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_experts, group)
     p = prompt_ids.shape[1]
     out, _ = _forward(model, prompt_ids, prompt_mask, tokens, mask, forced_experts=forced_experts,
                       return_residuals=layer is not None)
@@ -40,32 +50,54 @@ def response_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_experts
     return hidden[:, p - 1:-1]
 
 
+def _shared_prompt_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_experts, n: int):
+    rows, p = prompt_ids.shape
+    r = tokens.shape[1]
+    if rows % n:
+        raise ValueError(f"{rows} rows do not form groups of {n} samples sharing a prompt")
+    prompts, prompt_masks = prompt_ids[::n], prompt_mask[::n]
+    fe_prompt = fe_response = None
+    if forced_experts is not None:  # a prompt is routed once, so its routing is its first row's
+        fe_prompt, fe_response = forced_experts[:, ::n, :p], forced_experts[:, :, p:]
+    cache = init_cache(model.cfg, rows // n, p + r, model.dtype)
+    out = model(prompts, left_pad_positions(prompt_masks), attention_mask=prompt_masks, cache=cache,
+                forced_experts=fe_prompt)
+    repeat = functools.partial(jnp.repeat, repeats=n, axis=0)
+    prompt_len = repeat(prompt_masks.sum(axis=1).astype(jnp.int32))
+    positions = prompt_len[:, None] + jnp.arange(r, dtype=jnp.int32)[None, :]
+    resp = model(tokens.astype(jnp.int32), positions, attention_mask=mask, cache=out.cache.map_batch(repeat),
+                 forced_experts=fe_response)
+    # left padding: the prompt's last column is every row's last prompt token, which predicts response token 0
+    return jnp.concatenate([repeat(out.hidden[:, -1:]), resp.hidden[:, :-1]], axis=1)
+
+
 def sequence_logprobs(model, prompt_ids, prompt_mask, tokens, mask, *, temperature: float = 1.0, chunk: int = 512,
-                      forced_experts=None, layer: int | None = None):
+                      forced_experts=None, layer: int | None = None, group: int = 1):
     """``(logp [N, R], entropy [N, R])`` of response ``tokens`` after left-padded prompts; 0 where ``mask`` is off.
 
     ``temperature`` must be the sampling temperature so values match the sampler's. ``forced_experts``
     (``[L_moe, N, P + R, k]``) replays a recorded MoE routing. ``layer`` scores the internal policy of that layer
-    (see :func:`response_hidden`).
+    (see :func:`response_hidden`). ``group = n`` runs each prompt once for its ``n`` consecutive rows.
     """
-    hidden = response_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_experts, layer)
+    hidden = response_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_experts, layer, group)
     logp, ent = token_logprobs_and_entropy(hidden, model.unembedding(), tokens, chunk=chunk,
                                            temperature=temperature)
     return jnp.where(mask, logp, 0.0), jnp.where(mask, ent, 0.0)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("temperature", "chunk", "layer"))
-def _score(graphdef, state, prompt_ids, prompt_mask, tokens, mask, forced_experts, *, temperature, chunk, layer):
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("temperature", "chunk", "layer", "group"))
+def _score(graphdef, state, prompt_ids, prompt_mask, tokens, mask, forced_experts, *, temperature, chunk, layer,
+           group):
     model = nnx.merge(graphdef, state)
     return sequence_logprobs(model, prompt_ids, prompt_mask, tokens, mask, temperature=temperature, chunk=chunk,
-                             forced_experts=forced_experts, layer=layer)
+                             forced_experts=forced_experts, layer=layer, group=group)
 
 
 def score(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, temperature: float = 1.0, chunk: int = 512,
-          forced_experts=None, layer: int | None = None):
+          forced_experts=None, layer: int | None = None, group: int = 1):
     """Jitted :func:`sequence_logprobs` for a model given as ``(graphdef, state)`` (no gradient)."""
     return _score(graphdef, state, prompt_ids, prompt_mask, tokens, mask, forced_experts,
-                  temperature=float(temperature), chunk=chunk, layer=layer)
+                  temperature=float(temperature), chunk=chunk, layer=layer, group=group)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("temperature", "chunk"))
@@ -100,13 +132,14 @@ def routing_agreement(graphdef, state, prompt_ids, prompt_mask, tokens, mask, ex
 
 
 def rollout_logprobs(sampler, graphdef, state, rollout, *, temperature: float, chunk: int = 512,
-                     forced_experts=None):
+                     forced_experts=None, group: int = 1):
     """Trainer log-probs (and entropies) of a rollout's tokens under the model ``(graphdef, state)``.
 
     In the sampler's ``exact`` mode they are recomputed through the sampler's own prefill/decode path and equal
-    the rollout's log-probs bit for bit; otherwise one full forward (:func:`score`).
+    the rollout's log-probs bit for bit; otherwise one full forward (:func:`score`; ``group = rollout.n`` runs
+    each prompt once).
     """
     if sampler.consistency == "exact":
         return sampler.score_exact(state, rollout, temperature)
     return score(graphdef, state, rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask,
-                 temperature=temperature, chunk=chunk, forced_experts=forced_experts)
+                 temperature=temperature, chunk=chunk, forced_experts=forced_experts, group=group)

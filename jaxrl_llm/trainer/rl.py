@@ -159,12 +159,17 @@ class RLTrainer:
         self.entropy_coef = float(a.entropy_coef)
         self.optimizer, self.opt_state = self._optimizer(t.lr, self.params)
         temperature, chunk = r.temperature, t.logprob_chunk
+        # rows come in groups of n samples of one prompt; scoring and updates run each prompt once per group
+        share = t.share_prompts and r.n > 1 and t.micro_batch_size % r.n == 0
+        self.prompt_group = r.n if share else 1
 
         def logprob_fn_of(layer):
+            group = self.prompt_group if layer is None else 1
+
             def logprob_fn(m, exp: Experience):
                 return sequence_logprobs(m, exp.prompt_ids, exp.prompt_mask, exp.tokens, exp.mask,
                                          temperature=temperature, chunk=chunk, forced_experts=exp.forced_experts,
-                                         layer=layer)
+                                         layer=layer, group=group)
             return logprob_fn
 
         param_sh, opt_sh, rest_sh = _shardings(self.params), _shardings(self.opt_state), _shardings(self.rest)
@@ -449,7 +454,7 @@ class RLTrainer:
         if not self.old_logp_from_update:
             with self._rows_split():
                 old_logp, _ = rollout_logprobs(self.sampler, self.graphdef, state, ro, temperature=temperature,
-                                               chunk=chunk, forced_experts=replay)
+                                               chunk=chunk, forced_experts=replay, group=self.prompt_group)
             metrics.update(_mismatch_metrics(ro.logprobs, old_logp, ro.mask))
         metrics.update(self._diagnostics(state, ro))
         is_weights = None
@@ -464,7 +469,7 @@ class RLTrainer:
             ref_state = nnx.merge_state(self.ref_params, self.rest)
             with self._rows_split():
                 ref_logp, _ = score(self.graphdef, ref_state, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
-                                    temperature=temperature, chunk=chunk)
+                                    temperature=temperature, chunk=chunk, group=self.prompt_group)
             kl_tok = jnp.where(ro.mask, L.kl(old_logp, ref_logp, a.kl_estimator), 0.0)
             metrics["kl_ref"] = float(jnp.sum(kl_tok) / jnp.maximum(ro.mask.sum(), 1))
             if a.kl_in_reward:
@@ -551,7 +556,10 @@ class RLTrainer:
         per_update: dict[str, float] = {}
         count = 0
         for epoch in range(a.ppo_epochs):
-            perm = np.random.default_rng((cfg.train.seed, self.step, epoch)).permutation(rows)
+            # whole groups are shuffled when prompts are shared, so every micro-batch holds whole groups
+            g = self.prompt_group
+            groups = np.random.default_rng((cfg.train.seed, self.step, epoch)).permutation(rows // g)
+            perm = (groups[:, None] * g + np.arange(g)).reshape(-1)
             for i in range(a.minibatches):
                 idx = jnp.asarray(perm[i * mb:(i + 1) * mb])
                 part = _take_experience(exp, idx)
