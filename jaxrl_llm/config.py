@@ -178,9 +178,11 @@ class TrainSection:
     b2: float = 0.999  # Adam beta2
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
     logprob_chunk: int = 512  # vocabulary chunk of the log-prob/entropy kernel
-    # score and update each prompt once for its rollout.n samples (its keys/values are shared by them); applies
-    # when rollout.n > 1 and micro_batch_size is a multiple of rollout.n (minibatches then hold whole groups)
+    # run each prompt once for its rollout.n samples (they share its keys/values): in scoring passes, and in
+    # updates when algorithm.minibatches is 1 and micro_batch_size is a multiple of rollout.n
     share_prompts: bool = True
+    # in updates that share prompts, pack each group's responses into fewer rows (less padding)
+    pack_responses: bool = True
 
 
 @dataclass

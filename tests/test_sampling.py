@@ -11,6 +11,7 @@ from jaxrl_llm.models import Decoder, ModelConfig, left_pad_positions
 from jaxrl_llm.parallel import make_mesh, shard_model
 from jaxrl_llm.sampling import (FINISH_LENGTH, FINISH_STOP, Sampler, SamplingParams, filter_logits,
                                 mismatch_metrics, rollout_logprobs, sequence_logprobs)
+from jaxrl_llm.trainer.packing import plan_packing
 
 
 def _cfg(moe=False, vocab=64):
@@ -153,30 +154,39 @@ def test_n_samples_share_prompt_and_are_deterministic():
 
 
 @pytest.mark.parametrize("moe,remat", [(False, "none"), (False, "full"), (True, "none")])
-def test_shared_prompt_scoring_equals_the_full_forward(moe, remat):
-    # group = n: each prompt runs once and its keys/values serve its n samples; log-probs, entropies and their
-    # gradients must equal one forward per row over [prompt | response] (MoE: with the sampler's routing replayed)
+@pytest.mark.parametrize("packed", [False, True])
+def test_shared_prompt_scoring_equals_the_full_forward(moe, remat, packed):
+    # group = n: each prompt runs once and its keys/values serve its n samples (packed: several responses of a
+    # group side by side in one row); log-probs, entropies and their gradients must equal one forward per row over
+    # [prompt | response] (MoE: with the sampler's routing replayed)
     model = _model(moe, scale=5.0)
     graphdef, state = nnx.split(model)
-    ro = Sampler(model).generate(state, *_prompts(), SamplingParams(max_new_tokens=7, n=3, stop_tokens=(3,)),
+    ro = Sampler(model).generate(state, *_prompts(), SamplingParams(max_new_tokens=7, n=3, stop_tokens=(3, 4, 5, 6, 7, 8)),
                                  jax.random.key(4))
+    plan = plan_packing(np.asarray(ro.mask), group=3, num_micro=1, row_multiple=1) if packed else None
     trained = nnx.graphdef(Decoder(_cfg(moe), rngs=nnx.Rngs(0), remat=remat))
     weights = jnp.linspace(-1.0, 1.0, ro.tokens.size).reshape(ro.tokens.shape)  # every position counts
 
-    def objective(state, group):
+    def objective(state, group, packing):
         logp, ent = sequence_logprobs(nnx.merge(trained, state), ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
-                                      temperature=0.9, forced_experts=ro.experts, group=group)
+                                      temperature=0.9, forced_experts=ro.experts, group=group, packing=packing)
         return jnp.sum(weights * logp) + 0.5 * jnp.sum(ent), (logp, ent)
 
-    (_, (logp1, ent1)), grad1 = jax.value_and_grad(objective, has_aux=True)(state, 1)
-    (_, (logp3, ent3)), grad3 = jax.jit(jax.value_and_grad(objective, has_aux=True), static_argnums=1)(state, 3)
-    assert int(ro.mask.sum()) > 3 * 5 and not bool(ro.mask.all())  # several lengths, stops included
+    (_, (logp1, ent1)), grad1 = jax.value_and_grad(objective, has_aux=True)(state, 1, None)
+    (_, (logp3, ent3)), grad3 = jax.jit(jax.value_and_grad(objective, has_aux=True), static_argnums=1)(state, 3, plan)
+    lengths = np.asarray(ro.lengths)
+    assert len(set(lengths.tolist())) > 2  # several lengths, stops included
+    if packed:
+        assert plan.src.shape[0] < len(lengths)  # responses did share rows
     np.testing.assert_allclose(np.asarray(logp3), np.asarray(logp1), atol=1e-5)
     np.testing.assert_allclose(np.asarray(ent3), np.asarray(ent1), atol=1e-5)
     for g1, g3 in zip(jax.tree.leaves(grad1), jax.tree.leaves(grad3)):
         np.testing.assert_allclose(np.asarray(g3), np.asarray(g1), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="groups of 4"):
         sequence_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask, group=4)
+    if packed:
+        with pytest.raises(ValueError, match="packing needs group"):
+            sequence_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask, packing=plan)
 
 
 def test_sharded_equals_unsharded_and_exact_under_mesh():

@@ -134,30 +134,35 @@ def test_sharded_matches_single_device(tiny_model_dir, tmp_path):
     sharded.close()
 
 
-def test_shared_prompts_train_like_one_forward_per_row(tiny_model_dir, tmp_path):
-    # train.share_prompts runs each prompt once for its rollout.n samples: the same training, less arithmetic
+def test_shared_prompts_and_packing_train_like_one_forward_per_row(tiny_model_dir, tmp_path):
+    # train.share_prompts runs each prompt once for its rollout.n samples, train.pack_responses also packs each
+    # group's responses into fewer rows: the same training as one forward per row, with less arithmetic
+    variants = {"packed": ("true", "true"), "shared": ("true", "false"), "plain": ("false", "false")}
     runs = {}
-    for share in ("true", "false"):
-        cfg = _cfg(tiny_model_dir, tmp_path / share, None, "train.steps=2", "checkpoint.export_hf=false",
-                   "algorithm.ppo_epochs=2", f"train.share_prompts={share}")
+    for name, (share, pack) in variants.items():
+        cfg = _cfg(tiny_model_dir, tmp_path / name, None, "train.steps=2", "checkpoint.export_hf=false",
+                   "algorithm.ppo_epochs=2", f"train.share_prompts={share}", f"train.pack_responses={pack}")
         trainer = RLTrainer(cfg)
         try:
-            assert trainer.prompt_group == (4 if share == "true" else 1)
+            assert trainer.update_group == (4 if share == "true" else 1)
+            assert trainer.pack_responses == (name == "packed")
             trainer.train()
         finally:
             trainer.close()
-        runs[share] = (_params(trainer), read_jsonl(os.path.join(tmp_path / share, "metrics.jsonl")))
-    for x, y in zip(runs["true"][0], runs["false"][0]):
-        np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
-    for a, b in zip(runs["true"][1], runs["false"][1]):
-        for key in ("loss", "reward_mean", "entropy", "mismatch_abs_max"):
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
-    odd = RLTrainer(_cfg(tiny_model_dir, tmp_path / "odd", None, "train.micro_batch_size=2", "mesh.data=1",
-                         "checkpoint.export_hf=false"), devices=jax.devices()[:1])
-    try:
-        assert odd.prompt_group == 1  # micro-batches smaller than a group: one forward per row
-    finally:
-        odd.close()
+        runs[name] = (_params(trainer), read_jsonl(os.path.join(tmp_path / name, "metrics.jsonl")))
+    for name in ("packed", "shared"):
+        for x, y in zip(runs[name][0], runs["plain"][0]):
+            np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5, err_msg=name)
+        for a, b in zip(runs[name][1], runs["plain"][1]):
+            for key in ("loss", "reward_mean", "entropy", "mismatch_abs_max"):
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=f"{name} {key}")
+    for extra in ("train.micro_batch_size=2", "algorithm.minibatches=2"):
+        trainer = RLTrainer(_cfg(tiny_model_dir, tmp_path / "other", None, extra, "mesh.data=1",
+                                 "checkpoint.export_hf=false"), devices=jax.devices()[:1])
+        try:  # micro-batches smaller than a group, or minibatches of random rows: scoring still shares prompts
+            assert trainer.update_group == 1 and not trainer.pack_responses and trainer.prompt_group == 4, extra
+        finally:
+            trainer.close()
 
 
 def test_bad_input(tiny_model_dir, tmp_path):

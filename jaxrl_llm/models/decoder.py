@@ -120,9 +120,7 @@ class Decoder(nnx.Module):
                              f"{positions.shape}")
         b, t = tokens.shape
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
-        if segment_ids is not None:
-            if cache is not None:
-                raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
+        if segment_ids is not None:  # packed sequences; with a cache, every packed one continues the cached prefix
             valid = valid & (segment_ids > 0)
         if forced_experts is not None and forced_experts.shape[:3] != (cfg.num_moe_layers, b, t):
             raise ValueError(f"forced_experts must be [{cfg.num_moe_layers}, {b}, {t}, k], got "
@@ -142,6 +140,10 @@ class Decoder(nnx.Module):
             slots = jnp.arange(cache.max_len)
             query_slot = cache_index + jnp.arange(t)
             allowed = (slots[None, None, :] <= query_slot[None, :, None]) & slot_mask[:, None, :]
+            if segment_ids is not None:  # cached slots (segment 0) are seen by every segment, new ones by their own
+                slot_segment = jax.lax.dynamic_update_slice_in_dim(
+                    jnp.zeros(cache.mask.shape, jnp.int32), segment_ids.astype(jnp.int32), cache_index, axis=1)
+                allowed &= (slot_segment[:, None, :] == 0) | (slot_segment[:, None, :] == segment_ids[:, :, None])
 
         inv_freq = rope_inv_freq(cfg)
         x = constrain_rows(self.embed[...][tokens].astype(self.dtype))

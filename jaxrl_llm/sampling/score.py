@@ -51,34 +51,68 @@ def response_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_experts
 
 
 def _shared_prompt_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_experts, n: int):
-    rows, p = prompt_ids.shape
+    p = prompt_ids.shape[1]
     r = tokens.shape[1]
-    if rows % n:
-        raise ValueError(f"{rows} rows do not form groups of {n} samples sharing a prompt")
-    prompts, prompt_masks = prompt_ids[::n], prompt_mask[::n]
-    fe_prompt = fe_response = None
-    if forced_experts is not None:  # a prompt is routed once, so its routing is its first row's
-        fe_prompt, fe_response = forced_experts[:, ::n, :p], forced_experts[:, :, p:]
-    cache = init_cache(model.cfg, rows // n, p + r, model.dtype)
-    out = model(prompts, left_pad_positions(prompt_masks), attention_mask=prompt_masks, cache=cache,
-                forced_experts=fe_prompt)
+    out, prompt_len = _prefill_groups(model, prompt_ids, prompt_mask, forced_experts, n, r)
     repeat = functools.partial(jnp.repeat, repeats=n, axis=0)
-    prompt_len = repeat(prompt_masks.sum(axis=1).astype(jnp.int32))
-    positions = prompt_len[:, None] + jnp.arange(r, dtype=jnp.int32)[None, :]
+    positions = repeat(prompt_len)[:, None] + jnp.arange(r, dtype=jnp.int32)[None, :]
     resp = model(tokens.astype(jnp.int32), positions, attention_mask=mask, cache=out.cache.map_batch(repeat),
-                 forced_experts=fe_response)
+                 forced_experts=None if forced_experts is None else forced_experts[:, :, p:])
     # left padding: the prompt's last column is every row's last prompt token, which predicts response token 0
     return jnp.concatenate([repeat(out.hidden[:, -1:]), resp.hidden[:, :-1]], axis=1)
 
 
+def _prefill_groups(model, prompt_ids, prompt_mask, forced_experts, n: int, slots: int):
+    """Run each group's prompt once: ``(output with a cache of slots, prompt lengths, prompt routing)``."""
+    rows, p = prompt_ids.shape
+    if rows % n:
+        raise ValueError(f"{rows} rows do not form groups of {n} samples sharing a prompt")
+    prompts, prompt_masks = prompt_ids[::n], prompt_mask[::n]
+    fe_prompt = None if forced_experts is None else forced_experts[:, ::n, :p]  # a prompt is routed once
+    cache = init_cache(model.cfg, rows // n, p + slots, model.dtype)
+    out = model(prompts, left_pad_positions(prompt_masks), attention_mask=prompt_masks, cache=cache,
+                forced_experts=fe_prompt)
+    return out, prompt_masks.sum(axis=1).astype(jnp.int32)
+
+
+def _packed_logprobs(model, prompt_ids, prompt_mask, tokens, mask, forced_experts, n, packing, temperature, chunk):
+    """Log-probs and entropies through a packed layout (:mod:`jaxrl_llm.trainer.packing`): each packed row holds
+    responses of one group, as segments continuing the group's prompt."""
+    rows, p = prompt_ids.shape
+    r = tokens.shape[1]
+    out, prompt_len = _prefill_groups(model, prompt_ids, prompt_mask, forced_experts, n, r)
+    fe = None
+    if forced_experts is not None:
+        layers, _, _, k = forced_experts.shape
+        fe = forced_experts[:, :, p:].reshape(layers, rows * r, k)[:, packing.src]
+    packed = tokens.reshape(-1)[packing.src]
+    resp = model(packed, prompt_len[packing.group][:, None] + packing.offset, segment_ids=packing.segment,
+                 cache=out.cache.map_batch(lambda x: x[packing.group]), forced_experts=fe)
+    # a segment's first token is predicted by its prompt's last state (left padding: the last column), the others
+    # by the previous slot
+    last = out.hidden[:, -1][packing.group][:, None]
+    previous = jnp.concatenate([last, resp.hidden[:, :-1]], axis=1)
+    hidden = jnp.where((packing.offset == 0)[..., None], last, previous)
+    logp, ent = token_logprobs_and_entropy(hidden, model.unembedding(), packed, chunk=chunk, temperature=temperature)
+    logp, ent = logp.reshape(-1)[packing.back], ent.reshape(-1)[packing.back]
+    return jnp.where(mask, logp, 0.0), jnp.where(mask, ent, 0.0)
+
+
 def sequence_logprobs(model, prompt_ids, prompt_mask, tokens, mask, *, temperature: float = 1.0, chunk: int = 512,
-                      forced_experts=None, layer: int | None = None, group: int = 1):
+                      forced_experts=None, layer: int | None = None, group: int = 1, packing=None):
     """``(logp [N, R], entropy [N, R])`` of response ``tokens`` after left-padded prompts; 0 where ``mask`` is off.
 
     ``temperature`` must be the sampling temperature so values match the sampler's. ``forced_experts``
     (``[L_moe, N, P + R, k]``) replays a recorded MoE routing. ``layer`` scores the internal policy of that layer
-    (see :func:`response_hidden`). ``group = n`` runs each prompt once for its ``n`` consecutive rows.
+    (see :func:`response_hidden`). ``group = n`` runs each prompt once for its ``n`` consecutive rows;
+    ``packing`` (a :class:`jaxrl_llm.trainer.packing.Packing` for these rows, with ``group``) also packs the
+    responses of each group into fewer rows.
     """
+    if packing is not None:
+        if group < 2 or layer is not None:
+            raise ValueError("packing needs group > 1 (shared prompts) and no internal-layer read-out")
+        return _packed_logprobs(model, prompt_ids, prompt_mask, tokens, mask, forced_experts, group, packing,
+                                temperature, chunk)
     hidden = response_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_experts, layer, group)
     logp, ent = token_logprobs_and_entropy(hidden, model.unembedding(), tokens, chunk=chunk,
                                            temperature=temperature)

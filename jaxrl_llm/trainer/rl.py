@@ -9,6 +9,7 @@ interrupted run continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,7 @@ from jaxrl_llm.tokenizer import load_tokenizer
 from jaxrl_llm.tracking import MetricsLogger, Progress
 from jaxrl_llm.trainer.critic import init_value_head, make_critic_step, token_level_rewards, token_values
 from jaxrl_llm.trainer.optim import opt_state_shardings, run_optimizer
+from jaxrl_llm.trainer.packing import plan_packing
 from jaxrl_llm.trainer.step import Experience, LossConfig, make_update_step, minibatch_normalizer, split_micro
 
 __all__ = ["RLTrainer", "train"]
@@ -159,17 +161,23 @@ class RLTrainer:
         self.entropy_coef = float(a.entropy_coef)
         self.optimizer, self.opt_state = self._optimizer(t.lr, self.params)
         temperature, chunk = r.temperature, t.logprob_chunk
-        # rows come in groups of n samples of one prompt; scoring and updates run each prompt once per group
-        share = t.share_prompts and r.n > 1 and t.micro_batch_size % r.n == 0
+        # rows come in groups of n samples of one prompt: scoring runs each prompt once per group; so do updates
+        # when a minibatch is the whole batch (its micro-batches can then hold whole groups without changing
+        # what an update sees) and a micro-batch holds whole groups
+        share = t.share_prompts and r.n > 1
         self.prompt_group = r.n if share else 1
+        self.update_group = r.n if share and a.minibatches == 1 and t.micro_batch_size % r.n == 0 else 1
+        self.pack_responses = self.update_group > 1 and t.pack_responses
+        # packed rows per micro-batch come in multiples of 8 (few shapes to compile) that split over the row shards
+        self.pack_rows = math.lcm(8, self.mesh.shape["data"] * self.mesh.shape["fsdp"])
 
         def logprob_fn_of(layer):
-            group = self.prompt_group if layer is None else 1
+            group = self.update_group if layer is None else 1
 
             def logprob_fn(m, exp: Experience):
                 return sequence_logprobs(m, exp.prompt_ids, exp.prompt_mask, exp.tokens, exp.mask,
                                          temperature=temperature, chunk=chunk, forced_experts=exp.forced_experts,
-                                         layer=layer, group=group)
+                                         layer=layer, group=group, packing=exp.packing)
             return logprob_fn
 
         param_sh, opt_sh, rest_sh = _shardings(self.params), _shardings(self.opt_state), _shardings(self.rest)
@@ -556,13 +564,16 @@ class RLTrainer:
         per_update: dict[str, float] = {}
         count = 0
         for epoch in range(a.ppo_epochs):
-            # whole groups are shuffled when prompts are shared, so every micro-batch holds whole groups
-            g = self.prompt_group
+            # whole groups are shuffled when updates share prompts, so every micro-batch holds whole groups
+            g = self.update_group
             groups = np.random.default_rng((cfg.train.seed, self.step, epoch)).permutation(rows // g)
             perm = (groups[:, None] * g + np.arange(g)).reshape(-1)
             for i in range(a.minibatches):
                 idx = jnp.asarray(perm[i * mb:(i + 1) * mb])
                 part = _take_experience(exp, idx)
+                if self.pack_responses and update is not self._update_bupo:
+                    part = part.replace(packing=plan_packing(host(part.mask), group=self.update_group,
+                                                             num_micro=num_micro, row_multiple=self.pack_rows))
                 norm = minibatch_normalizer(part.mask, self.loss_cfg)
                 micro = self._place_micro(split_micro(part, num_micro))
                 j = epoch * a.minibatches + i

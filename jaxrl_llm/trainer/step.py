@@ -43,6 +43,7 @@ class Experience:
     is_weights: jax.Array | None = None  # float32[N, R] rollout-correction weights
     forced_experts: jax.Array | None = None  # int32[L, N, P+R, k] recorded MoE routing to replay
     sampler_logp: jax.Array | None = None  # float32[N, R] the sampler's log-probs (off-policy drift metrics)
+    packing: Any = None  # a packing.Packing of the responses (shared prompts), planned per minibatch
 
     @property
     def num_rows(self) -> int:
@@ -108,8 +109,8 @@ def split_micro(exp: Experience, num_micro: int) -> Experience:
     if n % num_micro:
         raise ValueError(f"minibatch of {n} rows does not split into {num_micro} micro-batches")
 
-    def reshape(x, axis=0):
-        shape = x.shape[:axis] + (num_micro, n // num_micro) + x.shape[axis + 1:]
+    def reshape(x, axis=0):  # a leaf's own row count: packed layouts have their own
+        shape = x.shape[:axis] + (num_micro, x.shape[axis] // num_micro) + x.shape[axis + 1:]
         return jnp.moveaxis(x.reshape(shape), axis, 0)
 
     routes = exp.forced_experts
