@@ -411,6 +411,7 @@ def _micro_batches(cfg, mc, mesh, s: StepShapes):
     """The update's input: an Experience ``[num_micro, micro, ...]`` sharded over rows, as the trainer places it."""
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
+    from jaxrl_llm.trainer.packing import Packing, packed_rows_multiple, prompt_sharing
     from jaxrl_llm.trainer.step import Experience
 
     a = cfg.algorithm
@@ -429,6 +430,13 @@ def _micro_batches(cfg, mc, mesh, s: StepShapes):
     if cfg.rollout.routing_replay:
         shape = (s.num_micro, mc.num_moe_layers, s.micro, s.prompt + s.response, mc.num_experts_per_tok)
         fields["forced_experts"] = _abstract(shape, jnp.int32, NamedSharding(mesh, P(None, None, ("data", "fsdp"))))
+    if prompt_sharing(cfg)[2]:  # packed responses, at the worst case: no two responses share a row
+        mult = packed_rows_multiple(s.dp)
+        packed = (s.num_micro, -(-s.micro // mult) * mult)
+        slots = lambda: _abstract(packed + (s.response,), jnp.int32, rows)  # noqa: E731
+        fields["packing"] = Packing(src=slots(), offset=slots(), segment=slots(),
+                                    group=_abstract(packed, jnp.int32, rows),
+                                    back=_abstract(lead + (s.response,), jnp.int32, rows))
     names = {f.name for f in dataclasses.fields(Experience)}
     return Experience(**{k: v for k, v in fields.items() if k in names})
 
@@ -438,13 +446,15 @@ def _compile_update(cfg, mc, mesh, graphdef, params, rest, opt_state, optimizer,
     import jax
     import jax.numpy as jnp
     from jaxrl_llm.sampling import sequence_logprobs
+    from jaxrl_llm.trainer.packing import prompt_sharing
     from jaxrl_llm.trainer.step import LossConfig, make_update_step
 
     temperature, chunk = cfg.rollout.temperature, cfg.train.logprob_chunk
+    group = prompt_sharing(cfg)[1]
 
     def logprob_fn(m, exp):
         return sequence_logprobs(m, exp.prompt_ids, exp.prompt_mask, exp.tokens, exp.mask, temperature=temperature,
-                                 chunk=chunk, forced_experts=exp.forced_experts)
+                                 chunk=chunk, forced_experts=exp.forced_experts, group=group, packing=exp.packing)
 
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     param_sh, opt_sh, rest_sh = shardings(params), shardings(opt_state), shardings(rest)
@@ -500,6 +510,7 @@ def _compile_score(cfg, mc, graphdef, state, sampler, s: StepShapes, rollout_sh)
     import jax.numpy as jnp
     from flax import nnx
     from jaxrl_llm.sampling import sequence_logprobs
+    from jaxrl_llm.trainer.packing import prompt_sharing
 
     r, n = cfg.rollout, s.rows
     arr = lambda shape, dtype, name: _abstract(shape, dtype, getattr(rollout_sh, name))  # noqa: E731
@@ -516,9 +527,12 @@ def _compile_score(cfg, mc, graphdef, state, sampler, s: StepShapes, rollout_sh)
     if r.routing_replay:
         experts = arr((mc.num_moe_layers, n, s.prompt + s.response, mc.num_experts_per_tok), jnp.int32, "experts")
 
+    group = prompt_sharing(cfg)[0]
+
     def score(state, prompt_ids, prompt_mask, tokens, mask, forced):
         return sequence_logprobs(nnx.merge(graphdef, state), prompt_ids, prompt_mask, tokens, mask,
-                                 temperature=r.temperature, chunk=cfg.train.logprob_chunk, forced_experts=forced)
+                                 temperature=r.temperature, chunk=cfg.train.logprob_chunk, forced_experts=forced,
+                                 group=group)
 
     return ProgramMemory.of(jax.jit(score).lower(state, *prompt, *response, experts).compile())
 

@@ -9,7 +9,6 @@ interrupted run continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +38,7 @@ from jaxrl_llm.tokenizer import load_tokenizer
 from jaxrl_llm.tracking import MetricsLogger, Progress
 from jaxrl_llm.trainer.critic import init_value_head, make_critic_step, token_level_rewards, token_values
 from jaxrl_llm.trainer.optim import opt_state_shardings, run_optimizer
-from jaxrl_llm.trainer.packing import plan_packing
+from jaxrl_llm.trainer.packing import packed_rows_multiple, plan_packing, prompt_sharing
 from jaxrl_llm.trainer.step import Experience, LossConfig, make_update_step, minibatch_normalizer, split_micro
 
 __all__ = ["RLTrainer", "train"]
@@ -161,15 +160,9 @@ class RLTrainer:
         self.entropy_coef = float(a.entropy_coef)
         self.optimizer, self.opt_state = self._optimizer(t.lr, self.params)
         temperature, chunk = r.temperature, t.logprob_chunk
-        # rows come in groups of n samples of one prompt: scoring runs each prompt once per group; so do updates
-        # when a minibatch is the whole batch (its micro-batches can then hold whole groups without changing
-        # what an update sees) and a micro-batch holds whole groups
-        share = t.share_prompts and r.n > 1
-        self.prompt_group = r.n if share else 1
-        self.update_group = r.n if share and a.minibatches == 1 and t.micro_batch_size % r.n == 0 else 1
-        self.pack_responses = self.update_group > 1 and t.pack_responses
-        # packed rows per micro-batch come in multiples of 8 (few shapes to compile) that split over the row shards
-        self.pack_rows = math.lcm(8, self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        # rows come in groups of n samples of one prompt, run once per group where possible (packing.py)
+        self.prompt_group, self.update_group, self.pack_responses = prompt_sharing(cfg)
+        self.pack_rows = packed_rows_multiple(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
 
         def logprob_fn_of(layer):
             group = self.update_group if layer is None else 1
