@@ -153,8 +153,8 @@ def test_n_samples_share_prompt_and_are_deterministic():
     assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
 
 
-@pytest.mark.parametrize("moe,remat", [(False, "none"), (False, "full"), (True, "none")])
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("moe,remat,packed", [(False, "none", False), (False, "none", True), (False, "full", True),
+                                              (True, "none", True)])
 def test_shared_prompt_scoring_equals_the_full_forward(moe, remat, packed):
     # group = n: each prompt runs once and its keys/values serve its n samples (packed: several responses of a
     # group side by side in one row); log-probs, entropies and their gradients must equal one forward per row over
@@ -172,8 +172,9 @@ def test_shared_prompt_scoring_equals_the_full_forward(moe, remat, packed):
                                       temperature=0.9, forced_experts=ro.experts, group=group, packing=packing)
         return jnp.sum(weights * logp) + 0.5 * jnp.sum(ent), (logp, ent)
 
-    (_, (logp1, ent1)), grad1 = jax.value_and_grad(objective, has_aux=True)(state, 1, None)
-    (_, (logp3, ent3)), grad3 = jax.jit(jax.value_and_grad(objective, has_aux=True), static_argnums=1)(state, 3, plan)
+    value_and_grad = jax.jit(jax.value_and_grad(objective, has_aux=True), static_argnums=1)
+    (_, (logp1, ent1)), grad1 = value_and_grad(state, 1, None)
+    (_, (logp3, ent3)), grad3 = value_and_grad(state, 3, plan)
     lengths = np.asarray(ro.lengths)
     assert len(set(lengths.tolist())) > 2  # several lengths, stops included
     if packed:
