@@ -16,7 +16,7 @@ def _masks(draw):
     rows = num_micro * groups_per_micro * group
     lengths = draw(st.lists(st.integers(0, width), min_size=rows, max_size=rows))
     mask = np.arange(width)[None, :] < np.asarray(lengths)[:, None]
-    # a masked-out token inside a response (rollout masking) keeps its place as context
+    # holes in a mask do not shorten the packed response: it runs up to its last token in the loss
     holes = draw(st.lists(st.tuples(st.integers(0, rows - 1), st.integers(0, width - 1)), max_size=3))
     for r, t in holes:
         if t + 1 < lengths[r]:

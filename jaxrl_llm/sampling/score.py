@@ -63,7 +63,7 @@ def _shared_prompt_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_e
 
 
 def _prefill_groups(model, prompt_ids, prompt_mask, forced_experts, n: int, slots: int):
-    """Run each group's prompt once: ``(output with a cache of slots, prompt lengths, prompt routing)``."""
+    """Run each group's prompt once: ``(output, prompt lengths)``; the output's cache has ``slots`` free slots."""
     rows, p = prompt_ids.shape
     if rows % n:
         raise ValueError(f"{rows} rows do not form groups of {n} samples sharing a prompt")

@@ -51,7 +51,7 @@ class Packing:
 
 
 def _response_lengths(mask: np.ndarray) -> np.ndarray:
-    """Tokens up to the last one that enters the loss (a masked-out token inside a response is still context)."""
+    """Tokens up to the last one that enters the loss (response masks are prefixes: ``t < length``)."""
     r = mask.shape[1]
     last = r - np.argmax(mask[:, ::-1], axis=1)
     return np.where(mask.any(axis=1), last, 0)
