@@ -430,7 +430,7 @@ def _micro_batches(cfg, mc, mesh, s: StepShapes):
     if cfg.rollout.routing_replay:
         shape = (s.num_micro, mc.num_moe_layers, s.micro, s.prompt + s.response, mc.num_experts_per_tok)
         fields["forced_experts"] = _abstract(shape, jnp.int32, NamedSharding(mesh, P(None, None, ("data", "fsdp"))))
-    if prompt_sharing(cfg)[2]:  # packed responses, at the worst case: no two responses share a row
+    if prompt_sharing(cfg).pack:  # packed responses, at the worst case: no two responses share a row
         mult = packed_rows_multiple(s.dp)
         packed = (s.num_micro, -(-s.micro // mult) * mult)
         slots = lambda: _abstract(packed + (s.response,), jnp.int32, rows)  # noqa: E731
@@ -450,7 +450,7 @@ def _compile_update(cfg, mc, mesh, graphdef, params, rest, opt_state, optimizer,
     from jaxrl_llm.trainer.step import LossConfig, make_update_step
 
     temperature, chunk = cfg.rollout.temperature, cfg.train.logprob_chunk
-    group = prompt_sharing(cfg)[1]
+    group = prompt_sharing(cfg).update_group
 
     def logprob_fn(m, exp):
         return sequence_logprobs(m, exp.prompt_ids, exp.prompt_mask, exp.tokens, exp.mask, temperature=temperature,
@@ -527,7 +527,7 @@ def _compile_score(cfg, mc, graphdef, state, sampler, s: StepShapes, rollout_sh)
     if r.routing_replay:
         experts = arr((mc.num_moe_layers, n, s.prompt + s.response, mc.num_experts_per_tok), jnp.int32, "experts")
 
-    group = prompt_sharing(cfg)[0]
+    group = prompt_sharing(cfg).score_group
 
     def score(state, prompt_ids, prompt_mask, tokens, mask, forced):
         return sequence_logprobs(nnx.merge(graphdef, state), prompt_ids, prompt_mask, tokens, mask,
