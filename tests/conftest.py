@@ -1,20 +1,23 @@
 """Test-wide setup: 8 fake CPU devices so sharding tests can build meshes.
 
 XLA reads the flag when the backend starts, so it must be set before jax is imported anywhere.
+Many tests compile the same programs (same tiny model and config, new trainer); a persistent compilation cache,
+fresh for every test run and shared by its workers, compiles each of them once.
 """
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-
+_run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"jaxrl_llm_tests_{_run}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import pytest  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
