@@ -431,7 +431,7 @@ def _micro_batches(cfg, mc, mesh, s: StepShapes):
         shape = (s.num_micro, mc.num_moe_layers, s.micro, s.prompt + s.response, mc.num_experts_per_tok)
         fields["forced_experts"] = _abstract(shape, jnp.int32, NamedSharding(mesh, P(None, None, ("data", "fsdp"))))
     if prompt_sharing(cfg).pack:  # packed responses, at the worst case: no two responses share a row
-        mult = packed_rows_multiple(s.dp)
+        mult = packed_rows_multiple(s.dp, s.micro)
         packed = (s.num_micro, -(-s.micro // mult) * mult)
         slots = lambda: _abstract(packed + (s.response,), jnp.int32, rows)  # noqa: E731
         fields["packing"] = Packing(src=slots(), offset=slots(), segment=slots(),

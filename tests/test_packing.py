@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxrl_llm.trainer.packing import plan_packing
+from jaxrl_llm.trainer.packing import packed_rows_multiple, plan_packing
 
 
 @st.composite
@@ -67,3 +67,14 @@ def test_packing_saves_rows_and_rejects_split_groups():
     assert plan.group.tolist() == [0, 0, 1, 1]
     with pytest.raises(ValueError, match="whole groups"):
         plan_packing(mask, group=3, num_micro=1)
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("micro", [8, 24, 64, 96, 512, 4096])
+def test_packed_row_counts_take_few_shapes(shards, micro):
+    step = packed_rows_multiple(shards, micro)
+    assert step % 8 == 0 and step % shards == 0
+    # every packed row count from 1 to micro rounds up to one of at most 8 sizes, none a whole step above micro
+    sizes = {-(-k // step) * step for k in range(1, micro + 1)}
+    assert len(sizes) <= 8
+    assert max(sizes) < micro + step

@@ -35,9 +35,12 @@ def prompt_sharing(cfg) -> PromptSharing:
     return PromptSharing(n if share else 1, n if update else 1, update and t.pack_responses)
 
 
-def packed_rows_multiple(row_shards: int) -> int:
-    """Packed rows per micro-batch come in multiples of 8 (few shapes to compile) that split over the row shards."""
-    return math.lcm(8, row_shards)
+def packed_rows_multiple(row_shards: int, micro_rows: int) -> int:
+    """The step in which packed rows per micro-batch are counted: a multiple of 8 and of the row shards, and at
+    least 1/8 of the micro-batch, so that a run compiles at most about 8 update shapes whatever its batch size
+    (a micro-batch packs into at most ``micro_rows`` rows)."""
+    base = math.lcm(8, row_shards)
+    return base * max(1, -(-micro_rows // (8 * base)))
 
 
 @flax.struct.dataclass

@@ -162,7 +162,7 @@ class RLTrainer:
         temperature, chunk = r.temperature, t.logprob_chunk
         # rows come in groups of n samples of one prompt, run once per group where possible (packing.py)
         self.prompt_group, self.update_group, self.pack_responses = prompt_sharing(cfg)
-        self.pack_rows = packed_rows_multiple(self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        self.pack_rows = packed_rows_multiple(self.mesh.shape["data"] * self.mesh.shape["fsdp"], t.micro_batch_size)
 
         def logprob_fn_of(layer):
             group = self.update_group if layer is None else 1
