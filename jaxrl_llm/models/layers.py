@@ -172,6 +172,39 @@ class Attention(nnx.Module):
         return out, cache
 
 
+@jax.custom_vjp
+def swiglu(x, gate, up, down):
+    """SwiGLU MLP ``(silu(x @ gate) * (x @ up)) @ down`` over the last axis of ``x``.
+
+    The backward pass is written by hand: it recomputes the two input products instead of holding them, and
+    forms every weight gradient from the ``[tokens, embed]``-wide arrays (``x`` and the output gradient), so the
+    only transposes are of those; the automatic one transposed the ``[tokens, mlp]`` activations, which on CPU took
+    about a third of the MLP's backward time.
+    """
+    return (jax.nn.silu(x @ gate) * (x @ up)) @ down
+
+
+def _swiglu_fwd(x, gate, up, down):
+    return swiglu(x, gate, up, down), (x, gate, up, down)
+
+
+def _swiglu_bwd(res, dy):
+    x, gate, up, down = res
+    xs, dys = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    g, u = xs @ gate, xs @ up
+    sig = jax.nn.sigmoid(g)
+    silu = g * sig
+    dh = dys @ down.T
+    dg = dh * u * sig * (1 + g * (1 - sig))  # d silu(g) / dg = sig * (1 + g * (1 - sig))
+    du = dh * silu
+    xt = xs.T
+    dx = dg @ gate.T + du @ up.T
+    return dx.reshape(x.shape), xt @ dg, xt @ du, (dys.T @ (silu * u)).T
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 class MLP(nnx.Module):
     def __init__(self, d: int, f: int, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         self.dtype = dtype
@@ -181,9 +214,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         dt = self.dtype
-        x = x.astype(dt)
-        h = jax.nn.silu(x @ self.gate[...].astype(dt)) * (x @ self.up[...].astype(dt))
-        return h @ self.down[...].astype(dt)
+        return swiglu(x.astype(dt), self.gate[...].astype(dt), self.up[...].astype(dt), self.down[...].astype(dt))
 
 
 class MoE(nnx.Module):
