@@ -153,8 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _compilation_cache() -> None:
+    """Keep compiled programs on disk (JAX's persistent compilation cache), so a resumed or repeated run does not
+    compile them again. ``JAXRL_COMPILATION_CACHE``: a directory, or ``off``; default
+    ``$XDG_CACHE_HOME/jaxrl_llm/xla`` (``~/.cache/...``). A ``JAX_COMPILATION_CACHE_DIR`` already set wins.
+    Set through the environment because JAX reads it when first imported, which the commands do lazily."""
+    choice = os.environ.get("JAXRL_COMPILATION_CACHE", "")
+    if choice.lower() == "off" or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = choice or os.path.join(base, "jaxrl_llm", "xla")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _compilation_cache()
     return int(args.func(args) or 0)
 
 

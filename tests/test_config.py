@@ -1,4 +1,6 @@
 """Configuration: merge order, typed overrides, errors that name the key."""
+import os
+
 import pytest
 
 from jaxrl_llm.config import ConfigError, load_config, save_config, validate
@@ -48,3 +50,30 @@ def test_missing_required_and_mesh_check(tmp_path):
         validate(cfg, device_count=8)
     with pytest.raises(ConfigError, match="not found"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_cli_keeps_compiled_programs_on_disk(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from jaxrl_llm import cli
+
+    for var in ("JAX_COMPILATION_CACHE_DIR", "JAXRL_COMPILATION_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+    cli._compilation_cache()
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "home" / "jaxrl_llm" / "xla")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/elsewhere")  # set by the user: kept
+    cli._compilation_cache()
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == "/elsewhere"
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.setenv("JAXRL_COMPILATION_CACHE", "off")
+    cli._compilation_cache()
+    assert "JAX_COMPILATION_CACHE_DIR" not in os.environ
+    # a command's process writes what it compiles into the chosen directory
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(JAXRL_COMPILATION_CACHE=str(tmp_path / "xla"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    code = ("from jaxrl_llm import cli; cli._compilation_cache(); import jax, jax.numpy as jnp; "
+            "jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((8, 8))).block_until_ready()")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    assert any((tmp_path / "xla").iterdir())
