@@ -7,7 +7,7 @@ temperature 1, one optimizer step per batch, the task's exact-answer reward. The
 are excluded; the median of the remaining steps is reported for each, and their ratio.
 
     pip install trl   # not a dependency of jaxrl_llm
-    python benchmarks/grpo_step.py [--steps 6]
+    python benchmarks/grpo_step.py [--steps 10]
 """
 from __future__ import annotations
 
@@ -45,8 +45,9 @@ def rows(count: int) -> list[dict]:
 
 
 def time_jaxrl(model_dir: str, run_dir: str, steps: int, extra: tuple[str, ...] = ("mesh.data=1",),
-               devices=None, micro_batch: int = PROMPTS * N) -> list[float]:
-    """Seconds of each of ``steps`` jaxrl_llm GRPO steps on the benchmark batch (one device by default)."""
+               devices=None, micro_batch: int = PROMPTS * N, phases: dict | None = None) -> list[float]:
+    """Seconds of each of ``steps`` jaxrl_llm GRPO steps on the benchmark batch (one device by default); the
+    trainer's seconds per phase of each step are appended to ``phases`` when given."""
     cfg = load_config(os.path.join(CONFIGS, "grpo.yaml"), [
         f"model.path={model_dir}", f"log.run_dir={run_dir}", "data.source=task",
         "data.task_kwargs={max_ops: 3, num_problems: 2000}", f"data.max_prompt_tokens={PROMPT_LEN}",
@@ -59,8 +60,12 @@ def time_jaxrl(model_dir: str, run_dir: str, steps: int, extra: tuple[str, ...] 
     try:
         for _ in range(steps):
             t0 = time.perf_counter()
-            trainer.train_step()
+            metrics = trainer.train_step()
             times.append(time.perf_counter() - t0)
+            if phases is not None:
+                for k, v in metrics.items():
+                    if k.startswith("time_"):
+                        phases.setdefault(k[5:], []).append(v)
     finally:
         trainer.close()
     return times
@@ -99,17 +104,20 @@ def time_trl(model_dir: str, out_dir: str, steps: int) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
     steps = max(args.steps, WARMUP + 1)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "model")
         build_model(model_dir)
-        ours = time_jaxrl(model_dir, os.path.join(tmp, "jaxrl"), steps)
+        phases: dict[str, list[float]] = {}
+        ours = time_jaxrl(model_dir, os.path.join(tmp, "jaxrl"), steps, phases=phases)
         theirs = time_trl(model_dir, os.path.join(tmp, "trl"), steps)
     a, b = statistics.median(ours[WARMUP:]), statistics.median(theirs[WARMUP:])
     print(f"batch: {PROMPTS} prompts x {N} samples, <= {PROMPT_LEN} prompt tokens, <= {NEW} new tokens, CPU")
     print(f"jaxrl_llm  s/step: {a:.3f}  (all steps: {np.round(ours, 3).tolist()})")
+    print("jaxrl_llm  phases (median s): " + ", ".join(f"{k} {statistics.median(v[WARMUP:]):.3f}"
+                                                   for k, v in phases.items()))
     print(f"TRL GRPO   s/step: {b:.3f}  (all steps: {np.round(theirs, 3).tolist()})")
     print(f"speed-up jaxrl_llm vs TRL: {b / a:.2f}x")
 
