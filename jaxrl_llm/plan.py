@@ -411,7 +411,7 @@ def _micro_batches(cfg, mc, mesh, s: StepShapes):
     """The update's input: an Experience ``[num_micro, micro, ...]`` sharded over rows, as the trainer places it."""
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from jaxrl_llm.trainer.packing import Packing, packed_rows_multiple, prompt_sharing
+    from jaxrl_llm.trainer.packing import Packing, packed_rows, packed_rows_multiple, prompt_sharing
     from jaxrl_llm.trainer.step import Experience
 
     a = cfg.algorithm
@@ -431,8 +431,7 @@ def _micro_batches(cfg, mc, mesh, s: StepShapes):
         shape = (s.num_micro, mc.num_moe_layers, s.micro, s.prompt + s.response, mc.num_experts_per_tok)
         fields["forced_experts"] = _abstract(shape, jnp.int32, NamedSharding(mesh, P(None, None, ("data", "fsdp"))))
     if prompt_sharing(cfg).pack:  # packed responses, at the worst case: no two responses share a row
-        mult = packed_rows_multiple(s.dp, s.micro)
-        packed = (s.num_micro, -(-s.micro // mult) * mult)
+        packed = (s.num_micro, packed_rows(s.micro, packed_rows_multiple(s.dp, s.micro)))
         slots = lambda: _abstract(packed + (s.response,), jnp.int32, rows)  # noqa: E731
         fields["packing"] = Packing(src=slots(), offset=slots(), segment=slots(),
                                     group=_abstract(packed, jnp.int32, rows),

@@ -15,7 +15,7 @@ import flax
 import jax
 import numpy as np
 
-__all__ = ["Packing", "PromptSharing", "plan_packing", "prompt_sharing", "packed_rows_multiple"]
+__all__ = ["Packing", "PromptSharing", "plan_packing", "prompt_sharing", "packed_rows", "packed_rows_multiple"]
 
 
 class PromptSharing(NamedTuple):
@@ -41,6 +41,12 @@ def packed_rows_multiple(row_shards: int, micro_rows: int) -> int:
     (a micro-batch packs into at most ``micro_rows`` rows)."""
     base = math.lcm(8, row_shards)
     return base * max(1, -(-micro_rows // (8 * base)))
+
+
+def packed_rows(needed: int, step: int) -> int:
+    """Packed rows a micro-batch gets when it needs ``needed``: at least one, rounded up to a multiple of ``step``
+    (the memory planner's worst case is ``needed`` = the micro-batch's rows)."""
+    return math.ceil(max(needed, 1) / step) * step
 
 
 @flax.struct.dataclass
@@ -96,8 +102,7 @@ def plan_packing(mask: np.ndarray, *, group: int, num_micro: int, row_multiple: 
                 fit[1] += length
             packed += [(g, segments) for segments, _ in bins]
         layouts.append(packed)
-    rows_p = max(1, max(len(p) for p in layouts))
-    rows_p = math.ceil(rows_p / row_multiple) * row_multiple
+    rows_p = packed_rows(max(len(p) for p in layouts), row_multiple)
     src = np.zeros((num_micro, rows_p, width), np.int32)
     offset = np.zeros_like(src)
     segment = np.zeros_like(src)

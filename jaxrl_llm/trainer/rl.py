@@ -512,7 +512,7 @@ class RLTrainer:
         exp = Experience(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, tokens=ro.tokens, mask=ro.mask,
                          advantages=adv, old_logp=loss_old_logp, ref_logp=ref_logp, is_weights=is_weights,
                          forced_experts=replay, sampler_logp=ro.logprobs)
-        update_metrics = self._update_epochs(exp, critic_batch, self._update_bupo if bupo else self._update)
+        update_metrics = self._update_epochs(exp, critic_batch, bupo=bupo)
         if a.entropy_target is not None:
             self.entropy_coef = float(X.adaptive_entropy_coef(
                 self.entropy_coef, update_metrics["entropy"], target=a.entropy_target, step=a.entropy_coef_step,
@@ -548,8 +548,12 @@ class RLTrainer:
                                                                ro.tokens, ro.mask, ro.experts))
         return out
 
-    def _update_epochs(self, exp: Experience, critic_batch: dict | None = None, update=None) -> dict[str, float]:
+    def _update_epochs(self, exp: Experience, critic_batch: dict | None = None, bupo: bool = False) -> dict[str, float]:
+        """``ppo_epochs`` x minibatches updates of the policy (the BuPO warm-up's internal-layer update with ``bupo``,
+        which reads out a layer and so neither shares prompts nor packs)."""
         cfg, a = self.cfg, self.cfg.algorithm
+        update = self._update_bupo if bupo else self._update
+        pack = self.pack_responses and not bupo
         rows = exp.num_rows
         mb = rows // a.minibatches
         num_micro = mb // cfg.train.micro_batch_size
@@ -564,7 +568,7 @@ class RLTrainer:
             for i in range(a.minibatches):
                 idx = jnp.asarray(perm[i * mb:(i + 1) * mb])
                 part = _take_experience(exp, idx)
-                if self.pack_responses and update is not self._update_bupo:
+                if pack:
                     part = part.replace(packing=plan_packing(host(part.mask), group=self.update_group,
                                                              num_micro=num_micro, row_multiple=self.pack_rows))
                 norm = minibatch_normalizer(part.mask, self.loss_cfg)
@@ -573,8 +577,8 @@ class RLTrainer:
                 control = {"entropy_coef": jnp.float32(self.entropy_coef),
                            "key": jax.random.fold_in(jax.random.key(cfg.train.seed), self.step * 4096 + j)}
                 with self._rows_split():
-                    self.params, self.opt_state, m = (update or self._update)(self.params, self.rest,
-                                                                              self.opt_state, micro, norm, control)
+                    self.params, self.opt_state, m = update(self.params, self.rest, self.opt_state, micro, norm,
+                                                            control)
                 if "offpolicy_kl" in m:  # the policy's drift from the sampler, update by update
                     per_update[f"offpolicy_kl/update{j}"] = float(m["offpolicy_kl"])
                 if critic_batch is not None:
