@@ -5,7 +5,7 @@ Work: 32 prompts x 32 tokens -> 64 new tokens each (no stop token, so both gener
 Also: the cost of a rollout plus the trainer-side scoring of its tokens in `exact` consistency mode relative to
 the default mode (the extra cost exact mode pays for bitwise-equal log-probs).
 
-    python benchmarks/sampler.py [--repeats 3]
+    python benchmarks/sampler.py [--repeats 5]
 """
 from __future__ import annotations
 
@@ -25,19 +25,24 @@ from jaxrl_llm.models import load_hf
 from jaxrl_llm.sampling import Sampler, SamplingParams, rollout_logprobs
 
 
-def _time(fn, repeats):
-    fn()  # warm-up / compile
-    times = []
+def _time(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function, the functions taking turns so that a slow spell of a shared machine hits
+    them alike."""
+    for fn in fns.values():
+        fn()  # warm-up / compile
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            time.sleep(0.5)  # the other library's idle worker threads spin for a while before they sleep
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -82,10 +87,10 @@ def main() -> None:
         return run
 
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    t_hf = _time(run_hf, args.repeats)
-    t_ours = _time(run_ours, args.repeats)
-    t_default = _time(rollout_and_score("default"), args.repeats)
-    t_exact = _time(rollout_and_score("exact"), args.repeats)
+    t = _time({"hf": run_hf, "ours": run_ours}, args.repeats)
+    t_hf, t_ours = t["hf"], t["ours"]
+    t = _time({"default": rollout_and_score("default"), "exact": rollout_and_score("exact")}, args.repeats)
+    t_default, t_exact = t["default"], t["exact"]
 
     # mismatch figures in each mode on one rollout
     figures = {}

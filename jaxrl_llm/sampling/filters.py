@@ -6,7 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-__all__ = ["SamplingParams", "filter_logits", "sample_tokens"]
+__all__ = ["SamplingParams", "filter_logits", "gumbel_noise", "sample_tokens"]
 
 _NEG_INF = -jnp.inf
 
@@ -69,8 +69,19 @@ def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     return z
 
 
-def sample_tokens(key: jax.Array, logits: jax.Array, params: SamplingParams) -> jax.Array:
-    """Draw one token per row of ``logits [N, V]``."""
+def sample_tokens(key: jax.Array, logits: jax.Array, params: SamplingParams, gumbel: jax.Array | None = None
+                  ) -> jax.Array:
+    """Draw one token per row of ``logits [N, V]`` (Gumbel-max: ``argmax(filtered logits + Gumbel noise)``).
+
+    ``gumbel`` (``[N, V]`` standard Gumbel noise, e.g. drawn ahead of time by :func:`gumbel_noise`) replaces the
+    noise drawn from ``key``.
+    """
     if params.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filter_logits(logits, params), axis=-1).astype(jnp.int32)
+    if gumbel is None:
+        gumbel = gumbel_noise(key, logits.shape)
+    return jnp.argmax(filter_logits(logits, params) + gumbel, axis=-1).astype(jnp.int32)
+
+
+def gumbel_noise(key: jax.Array, shape) -> jax.Array:
+    return jax.random.gumbel(key, shape, jnp.float32)
