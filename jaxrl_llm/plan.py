@@ -444,6 +444,7 @@ def _compile_update(cfg, mc, mesh, graphdef, params, rest, opt_state, optimizer,
     """The trainer's jitted policy update (``RLTrainer.__init__``), lowered and compiled on abstract inputs."""
     import jax
     import jax.numpy as jnp
+    from jaxrl_llm.compile_options import compiler_options
     from jaxrl_llm.sampling import sequence_logprobs
     from jaxrl_llm.trainer.packing import prompt_sharing
     from jaxrl_llm.trainer.step import LossConfig, make_update_step
@@ -459,7 +460,8 @@ def _compile_update(cfg, mc, mesh, graphdef, params, rest, opt_state, optimizer,
     param_sh, opt_sh, rest_sh = shardings(params), shardings(opt_state), shardings(rest)
     step = jax.jit(make_update_step(graphdef, optimizer, LossConfig.of(cfg), logprob_fn, param_sh),
                    in_shardings=(param_sh, rest_sh, opt_sh, None, None, None),
-                   out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 2))
+                   out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 2),
+                   compiler_options=compiler_options())
     micro = _micro_batches(cfg, mc, mesh, s)
     control = {"entropy_coef": _abstract((), jnp.float32), "key": jax.eval_shape(lambda: jax.random.key(0))}
     compiled = step.lower(params, rest, opt_state, micro, _abstract((), jnp.float32), control).compile()
@@ -508,6 +510,7 @@ def _compile_score(cfg, mc, graphdef, state, sampler, s: StepShapes, rollout_sh)
     import jax
     import jax.numpy as jnp
     from flax import nnx
+    from jaxrl_llm.compile_options import compiler_options
     from jaxrl_llm.sampling import sequence_logprobs
     from jaxrl_llm.trainer.packing import prompt_sharing
 
@@ -533,7 +536,8 @@ def _compile_score(cfg, mc, graphdef, state, sampler, s: StepShapes, rollout_sh)
                                  temperature=r.temperature, chunk=cfg.train.logprob_chunk, forced_experts=forced,
                                  group=group)
 
-    return ProgramMemory.of(jax.jit(score).lower(state, *prompt, *response, experts).compile())
+    return ProgramMemory.of(jax.jit(score, compiler_options=compiler_options()).lower(state, *prompt, *response,
+                                                                                     experts).compile())
 
 
 def _rollout_shardings(mesh, s: StepShapes, generated):

@@ -75,13 +75,14 @@ def measured(model_dir, tmp_path_factory):
     update, generate, scoring = [], [], []
     trainer._update = _spy(trainer._update, update)
     trainer.sampler._generate = _spy(trainer.sampler._generate, generate, static=1)
-    original_score = score_module._score
-    score_module._score = _spy(original_score, scoring, static=1)
+    original_score = score_module._jitted_score
+    spied = _spy(original_score(), scoring, static=1)
+    score_module._jitted_score = lambda: spied
     try:
         resident = {"params": _device0_bytes(trainer.params), "opt_state": _device0_bytes(trainer.opt_state)}
         trainer.train_step()
     finally:
-        score_module._score = original_score
+        score_module._jitted_score = original_score
         trainer.close()
     return dict(resident, update=update[0], generate=generate[0], score=scoring[0], report=planning.result())
 

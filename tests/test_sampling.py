@@ -1,4 +1,6 @@
 """Sampler: consistency with the scorer (default and exact), sampling statistics, stops, sharing, sharding."""
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +12,12 @@ from jaxrl_llm.losses import logprobs_from_logits
 from jaxrl_llm.models import Decoder, ModelConfig, left_pad_positions
 from jaxrl_llm.parallel import make_mesh, shard_model
 from jaxrl_llm.sampling import (FINISH_LENGTH, FINISH_STOP, Sampler, SamplingParams, filter_logits,
-                                mismatch_metrics, rollout_logprobs, sequence_logprobs)
+                                mismatch_metrics, rollout_logprobs, sample_tokens, sequence_logprobs)
+from jaxrl_llm.compile_options import compiler_options
+from jaxrl_llm.sampling.filters import gumbel_noise
 from jaxrl_llm.trainer.packing import plan_packing
+
+score_module = importlib.import_module("jaxrl_llm.sampling.score")  # the package exports a function `score`
 
 
 def _cfg(moe=False, vocab=64):
@@ -113,6 +119,69 @@ def test_empirical_frequencies_match_softmax():
     assert chi2 < 24.3, (counts, n * probs)
     # and the reported log-probs are those of the temperature-scaled softmax
     np.testing.assert_allclose(np.asarray(ro.logprobs[:, 0]), np.log(probs)[np.asarray(ro.tokens[:, 0])], atol=1e-5)
+
+
+def test_second_tokens_follow_the_conditional_softmax():
+    # the loop draws each step's noise one step ahead: the token after the first must still follow
+    # p(second | prompt, first), checked over all (first, second) pairs
+    model = _model(vocab=8, scale=3.0)
+    graphdef, state = nnx.split(model)
+    ids = jnp.array([[3, 1, 4]], jnp.int32)
+    n = 4000
+    ro = Sampler(model).generate(state, ids, jnp.ones((1, 3), bool), SamplingParams(max_new_tokens=2, n=n),
+                                 jax.random.key(11))
+    seqs = jnp.concatenate([jnp.repeat(ids, 8, axis=0), jnp.arange(8, dtype=jnp.int32)[:, None]], axis=1)
+    out = model(seqs, jnp.broadcast_to(jnp.arange(4), (8, 4)))
+    logits = model.logits(out.hidden)
+    expected = n * np.asarray(jax.nn.softmax(logits[0, 2])[:, None] * jax.nn.softmax(logits[:, 3], axis=-1))
+    counts = np.zeros((8, 8))
+    np.add.at(counts, (np.asarray(ro.tokens[:, 0]), np.asarray(ro.tokens[:, 1])), 1)
+    big = expected >= 5  # Pearson's approximation needs expected counts of at least 5: pool the others
+    obs, exp = counts[big], expected[big]
+    if not big.all():
+        obs, exp = np.append(obs, counts[~big].sum()), np.append(exp, expected[~big].sum())
+    chi2 = float(np.sum((obs - exp) ** 2 / exp))
+    dof = obs.size - 1
+    # the 0.999 quantile of chi-square (Wilson-Hilferty approximation)
+    quantile = dof * (1 - 2 / (9 * dof) + 3.09 * np.sqrt(2 / (9 * dof))) ** 3
+    assert chi2 < quantile, (chi2, quantile)
+
+
+def test_sample_tokens_is_gumbel_max_with_the_keys_noise():
+    logits = jax.random.normal(jax.random.key(0), (16, 32)) * 2.0
+    params = SamplingParams(temperature=0.7, top_k=5)
+    for seed in range(5):
+        key = jax.random.key(seed)
+        expect = jax.random.categorical(key, filter_logits(logits, params), axis=-1)
+        np.testing.assert_array_equal(np.asarray(sample_tokens(key, logits, params)), np.asarray(expect))
+        np.testing.assert_array_equal(
+            np.asarray(sample_tokens(None, logits, params, gumbel=gumbel_noise(key, logits.shape))),
+            np.asarray(expect))
+
+
+def test_sampler_and_scorer_compile_alike_on_cpu():
+    # XLA:CPU's default puts matrix products in YNNPACK fusions; the sampler and the trainer-side scorer both turn
+    # them off (compile_options.py), so that their products round alike
+    assert compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    x = jnp.ones((32, 64))
+    assert "ynn" in jax.jit(lambda a: jnp.tanh(a @ a.T)).lower(x).compile().as_text()  # the check can fail
+    model = _model()
+    graphdef, state = nnx.split(model)
+    ids, mask = _prompts()
+    params = SamplingParams(max_new_tokens=4, n=2)
+    for mode in ("default", "exact"):
+        sampler = Sampler(model, consistency=mode)
+        ro = sampler.generate(state, ids, mask, params, jax.random.key(0))
+        generate = sampler._generate.lower(graphdef, state, ids, mask, jax.random.key(0),
+                                           jnp.full((6, 1), -1, jnp.int32), jnp.full((6,), 4, jnp.int32),
+                                           params=params, cache_dtype=sampler.cache_dtype, compute_dtype=None)
+        assert "ynn" not in generate.compile().as_text()
+    scorer = score_module._jitted_score().lower(graphdef, state, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
+                                                None, temperature=1.0, chunk=512, layer=None, group=1)
+    assert "ynn" not in scorer.compile().as_text()
+    exact = sampler._score_exact.lower(graphdef, state, ids, mask, ro.tokens, ro.mask, n=2, temperature=1.0,
+                                       cache_dtype=sampler.cache_dtype, compute_dtype=None)
+    assert "ynn" not in exact.compile().as_text()
 
 
 def test_stop_tokens_lengths_and_row_budgets():

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrl_llm.compile_options import compiler_options
 from jaxrl_llm.distributed import host
 from jaxrl_llm.losses import entropy_from_logits
 from jaxrl_llm.models import Decoder, init_cache, left_pad_positions
@@ -41,23 +42,6 @@ class Rollout:
     finish_reason: jax.Array  # int32 [N]: FINISH_STOP or FINISH_LENGTH
     experts: jax.Array | None = None  # int32 [L_moe, N, P + R, k] routing of every input position (MoE)
     n: int = flax.struct.field(pytree_node=False, default=1)
-
-
-# XLA:CPU hands matrix products and reductions to YNNPACK by default; for the decode loop's many small products
-# its own kernels are faster (tokens/s +15-25% on the sampler benchmark), for the trainer's large ones they are not
-_CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-@functools.cache
-def decode_compiler_options() -> dict | None:
-    """XLA options for the sampler's programs: on CPU, no YNNPACK fusions (when this XLA knows the option)."""
-    if jax.default_backend() != "cpu":
-        return None
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=_CPU_DECODE_OPTIONS).lower(jnp.zeros((), jnp.float32)).compile()
-    except Exception:  # an XLA without the option: keep its defaults
-        return None
-    return dict(_CPU_DECODE_OPTIONS)
 
 
 def token_logprob(logits: jax.Array, tokens: jax.Array, temperature: float) -> jax.Array:
@@ -211,7 +195,7 @@ class Sampler:
         self.graphdef = nnx.graphdef(model)
         self.cache_dtype = cache_dtype or compute_dtype or model.dtype
         # both programs compile with the same options: exact mode needs the scorer's decode steps to be the sampler's
-        options = decode_compiler_options()
+        options = compiler_options()
         self._generate = jax.jit(_generate, static_argnums=(0,),
                                  static_argnames=("params", "cache_dtype", "compute_dtype"), compiler_options=options)
         self._score_exact = jax.jit(_score_exact, static_argnums=(0,),

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrl_llm.compile_options import compiler_options
 from jaxrl_llm.losses import token_logprobs_and_entropy
 from jaxrl_llm.models import init_cache, left_pad_positions
 
@@ -119,7 +120,6 @@ def sequence_logprobs(model, prompt_ids, prompt_mask, tokens, mask, *, temperatu
     return jnp.where(mask, logp, 0.0), jnp.where(mask, ent, 0.0)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("temperature", "chunk", "layer", "group"))
 def _score(graphdef, state, prompt_ids, prompt_mask, tokens, mask, forced_experts, *, temperature, chunk, layer,
            group):
     model = nnx.merge(graphdef, state)
@@ -127,11 +127,18 @@ def _score(graphdef, state, prompt_ids, prompt_mask, tokens, mask, forced_expert
                              forced_experts=forced_experts, layer=layer, group=group)
 
 
+@functools.cache
+def _jitted_score():
+    # compiled like the sampler (made on first use: the options depend on the backend)
+    return jax.jit(_score, static_argnums=(0,), static_argnames=("temperature", "chunk", "layer", "group"),
+                   compiler_options=compiler_options())
+
+
 def score(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, temperature: float = 1.0, chunk: int = 512,
           forced_experts=None, layer: int | None = None, group: int = 1):
     """Jitted :func:`sequence_logprobs` for a model given as ``(graphdef, state)`` (no gradient)."""
-    return _score(graphdef, state, prompt_ids, prompt_mask, tokens, mask, forced_experts,
-                  temperature=float(temperature), chunk=chunk, layer=layer, group=group)
+    return _jitted_score()(graphdef, state, prompt_ids, prompt_mask, tokens, mask, forced_experts,
+                           temperature=float(temperature), chunk=chunk, layer=layer, group=group)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("temperature", "chunk"))

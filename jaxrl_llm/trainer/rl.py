@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxrl_llm import advantages as A
 from jaxrl_llm import losses as L
 from jaxrl_llm.checkpoint import Checkpointer
+from jaxrl_llm.compile_options import compiler_options
 from jaxrl_llm.config import TrainConfig, save_config, validate
 from jaxrl_llm.data import PromptStream, load_rows, tokenize_prompts
 from jaxrl_llm.distributed import gather_blocks, host, owned_rows, rows_on_this_process, sum_blocks
@@ -178,8 +179,10 @@ class RLTrainer:
 
         def jit_update(layer):
             step = make_update_step(self.graphdef, self.optimizer, self.loss_cfg, logprob_fn_of(layer), param_sh)
+            # compiled like the sampler, so that its log-probs round like the sampler's (compile_options.py)
             return jax.jit(step, in_shardings=(param_sh, rest_sh, opt_sh, None, None, None),
-                           out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 2))
+                           out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 2),
+                           compiler_options=compiler_options())
 
         self._update = jit_update(None)
         # BuPO warm-up: the same update on the policy read out after layer bupo_layer (only layers <= l and the
