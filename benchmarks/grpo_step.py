@@ -44,10 +44,9 @@ def rows(count: int) -> list[dict]:
     return [p.as_row() for p in ArithTask(1, 3).split("train", count, seed=0)]
 
 
-def time_jaxrl(model_dir: str, run_dir: str, steps: int, extra: tuple[str, ...] = ("mesh.data=1",),
-               devices=None, micro_batch: int = PROMPTS * N, phases: dict | None = None) -> list[float]:
-    """Seconds of each of ``steps`` jaxrl_llm GRPO steps on the benchmark batch (one device by default); the
-    trainer's seconds per phase of each step are appended to ``phases`` when given."""
+def benchmark_trainer(model_dir: str, run_dir: str, steps: int, extra: tuple[str, ...] = ("mesh.data=1",),
+                      devices=None, micro_batch: int = PROMPTS * N) -> RLTrainer:
+    """jaxrl_llm's GRPO trainer on the benchmark batch (one device by default)."""
     cfg = load_config(os.path.join(CONFIGS, "grpo.yaml"), [
         f"model.path={model_dir}", f"log.run_dir={run_dir}", "data.source=task",
         "data.task_kwargs={max_ops: 3, num_problems: 2000}", f"data.max_prompt_tokens={PROMPT_LEN}",
@@ -55,7 +54,14 @@ def time_jaxrl(model_dir: str, run_dir: str, steps: int, extra: tuple[str, ...] 
         f"train.micro_batch_size={micro_batch}", "train.lr=1e-5", f"train.steps={steps}",
         "log.progress=false", "log.tensorboard=false", "checkpoint.export_hf=false", "checkpoint.async_save=false",
         *extra])
-    trainer = RLTrainer(cfg, devices=jax.devices()[:1] if devices is None else devices)
+    return RLTrainer(cfg, devices=jax.devices()[:1] if devices is None else devices)
+
+
+def time_jaxrl(model_dir: str, run_dir: str, steps: int, extra: tuple[str, ...] = ("mesh.data=1",),
+               devices=None, micro_batch: int = PROMPTS * N, phases: dict | None = None) -> list[float]:
+    """Seconds of each of ``steps`` jaxrl_llm GRPO steps on the benchmark batch (one device by default); the
+    trainer's seconds per phase of each step are appended to ``phases`` when given."""
+    trainer = benchmark_trainer(model_dir, run_dir, steps, extra, devices, micro_batch)
     times = []
     try:
         for _ in range(steps):

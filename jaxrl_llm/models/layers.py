@@ -93,6 +93,30 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+@jax.custom_vjp
+def project(x, w):
+    """``x [..., D] @ w [D, F]``, with a hand-written backward pass.
+
+    The weight gradient is formed as ``x^T @ dy`` from the saved input. The automatic one contracted the output
+    gradient's token axis first, so on CPU XLA transposed that gradient together with the rotary and q/k-norm
+    backward computing it, in column order; the GRPO benchmark's update ran about 7% slower for it.
+    """
+    return x @ w
+
+
+def _project_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _project_bwd(res, dy):
+    x, w = res
+    xs, dys = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    return (dy @ w.T).astype(x.dtype), (xs.T @ dys).astype(w.dtype)
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
 @flax.struct.dataclass
 class LayerCache:
     k: jax.Array  # [B, n_kv, head_dim, S]
@@ -122,9 +146,10 @@ class Attention(nnx.Module):
         """``allowed [B, T, S]``: which key slots each query may attend to (S = T without a cache)."""
         cfg, dt = self.cfg, self.dtype
         x = x.astype(dt)
-        q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dt))
+        b, t, d = x.shape
+        q = project(x, self.q[...].astype(dt).reshape(d, -1)).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = project(x, self.k[...].astype(dt).reshape(d, -1)).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = project(x, self.v[...].astype(dt).reshape(d, -1)).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qkv_bias:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -133,7 +158,6 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        b, t = x.shape[:2]
         group = cfg.num_heads // cfg.num_kv_heads
         qg = q.reshape(b, t, cfg.num_kv_heads, group, cfg.head_dim)
         if cache is None:
@@ -165,8 +189,7 @@ class Attention(nnx.Module):
             out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None], axis=3)[:, None]  # [b, 1, kv, g, d]
         else:
             out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-        out = out.reshape(b, t, cfg.num_heads, cfg.head_dim)
-        out = jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dt))
+        out = project(out.reshape(b, t, cfg.num_heads * cfg.head_dim), self.o[...].astype(dt).reshape(-1, d))
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)
         return out, cache
