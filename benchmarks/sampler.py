@@ -10,9 +10,9 @@ the default mode (the extra cost exact mode pays for bitwise-equal log-probs).
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
+import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,20 +24,8 @@ from flax import nnx
 from jaxrl_llm.models import load_hf
 from jaxrl_llm.sampling import Sampler, SamplingParams, rollout_logprobs
 
-
-def _time(fns: dict, repeats: int) -> dict:
-    """Median seconds of each function, the functions taking turns so that a slow spell of a shared machine hits
-    them alike."""
-    for fn in fns.values():
-        fn()  # warm-up / compile
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            time.sleep(0.5)  # the other library's idle worker threads spin for a while before they sleep
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import median_times  # noqa: E402
 
 
 def main() -> None:
@@ -87,9 +75,9 @@ def main() -> None:
         return run
 
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    t = _time({"hf": run_hf, "ours": run_ours}, args.repeats)
+    t = median_times({"hf": run_hf, "ours": run_ours}, args.repeats)
     t_hf, t_ours = t["hf"], t["ours"]
-    t = _time({"default": rollout_and_score("default"), "exact": rollout_and_score("exact")}, args.repeats)
+    t = median_times({"default": rollout_and_score("default"), "exact": rollout_and_score("exact")}, args.repeats)
     t_default, t_exact = t["default"], t["exact"]
 
     # mismatch figures in each mode on one rollout

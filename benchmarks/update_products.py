@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from grpo_step import benchmark_trainer, build_model  # noqa: E402
+from timing import median_times  # noqa: E402
 
 from jaxrl_llm.compile_options import compiler_options  # noqa: E402
 
@@ -50,19 +49,6 @@ def products_of(hlo: str) -> list[tuple]:
         flops = 2 * k * int(np.prod([int(x) for x in result.split(",") if x]))
         out.append((a, b, (contract, batch), flops))
     return out
-
-
-def _median_times(fns: dict, repeats: int) -> dict:
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            time.sleep(0.3)
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -107,9 +93,9 @@ def main() -> None:
                 big_flops = 2 * 2560 * 256 * 768
                 reps = max(1, round(flops / big_flops))
                 large = jax.jit(lambda x, w: [x @ (w + i) for i in range(reps)], compiler_options=compiler_options())
-                t = _median_times({"update": run_update,
-                                   "products": lambda: jax.block_until_ready(alone(operands)),
-                                   "large": lambda: jax.block_until_ready(large(*big))}, args.repeats)
+                t = median_times({"update": run_update,
+                                  "products": lambda: jax.block_until_ready(alone(operands)),
+                                  "large": lambda: jax.block_until_ready(large(*big))}, args.repeats, pause=0.3)
         finally:
             trainer.close()
     gflop = flops / 1e9

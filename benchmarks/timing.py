@@ -1,0 +1,21 @@
+"""Timing helper shared by the benchmarks."""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def median_times(fns: dict, repeats: int, pause: float = 0.5) -> dict:
+    """Median seconds of each function, after one warm-up call each. The functions take turns, so a slow spell of
+    a shared machine hits them alike; ``pause`` seconds before each call let the other library's idle worker
+    threads, which spin for a while, go to sleep."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            time.sleep(pause)
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
