@@ -97,9 +97,10 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 def project(x, w):
     """``x [..., D] @ w [D, F]``, with a hand-written backward pass.
 
-    The weight gradient is formed as ``x^T @ dy`` from the saved input. The automatic one contracted the output
-    gradient's token axis first, so on CPU XLA transposed that gradient together with the rotary and q/k-norm
-    backward computing it, in column order; the GRPO benchmark's update ran about 7% slower for it.
+    The weight gradient is formed as ``x^T @ dy``, transposing the saved input. The automatic backward put the
+    output gradient on the left of that product, so on CPU XLA transposed the gradient instead, computing the
+    rotary and q/k-norm backward that produce it inside the transpose, in column order: the GRPO benchmark's
+    update ran about 7% slower.
     """
     return x @ w
 

@@ -157,7 +157,7 @@ def _score_exact(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, n: i
     # unrolled: a step's log-prob and entropy do not wait for its decode step, and several steps per iteration let
     # XLA run them alongside the next decode steps. The unroll must divide the step count: the remainder steps of
     # an uneven unroll compile separately, and their attention rounds differently from the sampler's
-    # (tests/test_sampling.py checks bitwise equality for dense and MoE models, for both cases)
+    # (tests/test_sampling.py checks bitwise equality for dense and MoE models with unrolls of 1, 2 and 4)
     unroll = 4 if r % 4 == 0 else 2 if r % 2 == 0 else 1
     _, (logp, ent) = jax.lax.scan(step, (cache, logits), (jnp.arange(r), tokens.T), unroll=unroll)
     return jnp.where(mask, logp.T, 0.0), jnp.where(mask, ent.T, 0.0)
