@@ -444,10 +444,9 @@ def _compile_update(cfg, mc, mesh, graphdef, params, rest, opt_state, optimizer,
     """The trainer's jitted policy update (``RLTrainer.__init__``), lowered and compiled on abstract inputs."""
     import jax
     import jax.numpy as jnp
-    from jaxrl_llm.compile_options import compiler_options
     from jaxrl_llm.sampling import sequence_logprobs
     from jaxrl_llm.trainer.packing import prompt_sharing
-    from jaxrl_llm.trainer.step import LossConfig, make_update_step
+    from jaxrl_llm.trainer.step import LossConfig, jit_update_step
 
     temperature, chunk = cfg.rollout.temperature, cfg.train.logprob_chunk
     group = prompt_sharing(cfg).update_group
@@ -458,10 +457,7 @@ def _compile_update(cfg, mc, mesh, graphdef, params, rest, opt_state, optimizer,
 
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     param_sh, opt_sh, rest_sh = shardings(params), shardings(opt_state), shardings(rest)
-    step = jax.jit(make_update_step(graphdef, optimizer, LossConfig.of(cfg), logprob_fn, param_sh),
-                   in_shardings=(param_sh, rest_sh, opt_sh, None, None, None),
-                   out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 2),
-                   compiler_options=compiler_options())
+    step = jit_update_step(graphdef, optimizer, LossConfig.of(cfg), logprob_fn, param_sh, rest_sh, opt_sh)
     micro = _micro_batches(cfg, mc, mesh, s)
     control = {"entropy_coef": _abstract((), jnp.float32), "key": jax.eval_shape(lambda: jax.random.key(0))}
     compiled = step.lower(params, rest, opt_state, micro, _abstract((), jnp.float32), control).compile()
@@ -507,11 +503,8 @@ def _compile_score(cfg, mc, graphdef, state, sampler, s: StepShapes, rollout_sh)
     """Old/reference log-probs of a whole step's rollouts (``rollout_logprobs``) on rollout arrays placed as
     ``rollout_sh`` says: one forward over all rows, or in ``exact`` consistency the sampler's own prefill +
     decode replay."""
-    import jax
     import jax.numpy as jnp
-    from flax import nnx
-    from jaxrl_llm.compile_options import compiler_options
-    from jaxrl_llm.sampling import sequence_logprobs
+    from jaxrl_llm.sampling.score import _jitted_score
     from jaxrl_llm.trainer.packing import prompt_sharing
 
     r, n = cfg.rollout, s.rows
@@ -529,15 +522,10 @@ def _compile_score(cfg, mc, graphdef, state, sampler, s: StepShapes, rollout_sh)
     if r.routing_replay:
         experts = arr((mc.num_moe_layers, n, s.prompt + s.response, mc.num_experts_per_tok), jnp.int32, "experts")
 
-    group = prompt_sharing(cfg).score_group
-
-    def score(state, prompt_ids, prompt_mask, tokens, mask, forced):
-        return sequence_logprobs(nnx.merge(graphdef, state), prompt_ids, prompt_mask, tokens, mask,
-                                 temperature=r.temperature, chunk=cfg.train.logprob_chunk, forced_experts=forced,
-                                 group=group)
-
-    return ProgramMemory.of(jax.jit(score, compiler_options=compiler_options()).lower(state, *prompt, *response,
-                                                                                     experts).compile())
+    # the scorer's own jitted program (sampling/score.py: score), as the trainer calls it
+    lowered = _jitted_score().lower(graphdef, state, *prompt, *response, experts, temperature=float(r.temperature),
+                                    chunk=cfg.train.logprob_chunk, layer=None, group=prompt_sharing(cfg).score_group)
+    return ProgramMemory.of(lowered.compile())
 
 
 def _rollout_shardings(mesh, s: StepShapes, generated):

@@ -23,7 +23,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxrl_llm import advantages as A
 from jaxrl_llm import losses as L
 from jaxrl_llm.checkpoint import Checkpointer
-from jaxrl_llm.compile_options import compiler_options
 from jaxrl_llm.config import TrainConfig, save_config, validate
 from jaxrl_llm.data import PromptStream, load_rows, tokenize_prompts
 from jaxrl_llm.distributed import gather_blocks, host, owned_rows, rows_on_this_process, sum_blocks
@@ -40,7 +39,7 @@ from jaxrl_llm.tracking import MetricsLogger, Progress
 from jaxrl_llm.trainer.critic import init_value_head, make_critic_step, token_level_rewards, token_values
 from jaxrl_llm.trainer.optim import opt_state_shardings, run_optimizer
 from jaxrl_llm.trainer.packing import packed_rows_multiple, plan_packing, prompt_sharing
-from jaxrl_llm.trainer.step import Experience, LossConfig, make_update_step, minibatch_normalizer, split_micro
+from jaxrl_llm.trainer.step import Experience, LossConfig, jit_update_step, minibatch_normalizer, split_micro
 
 __all__ = ["RLTrainer", "train"]
 
@@ -178,11 +177,8 @@ class RLTrainer:
         self.batch_spec = NamedSharding(self.mesh, P(None, ("data", "fsdp")))
 
         def jit_update(layer):
-            step = make_update_step(self.graphdef, self.optimizer, self.loss_cfg, logprob_fn_of(layer), param_sh)
-            # compiled like the sampler, so that its log-probs round like the sampler's (compile_options.py)
-            return jax.jit(step, in_shardings=(param_sh, rest_sh, opt_sh, None, None, None),
-                           out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 2),
-                           compiler_options=compiler_options())
+            return jit_update_step(self.graphdef, self.optimizer, self.loss_cfg, logprob_fn_of(layer), param_sh,
+                                   rest_sh, opt_sh)
 
         self._update = jit_update(None)
         # BuPO warm-up: the same update on the policy read out after layer bupo_layer (only layers <= l and the

@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import optax
 
 from jaxrl_llm import losses as L
+from jaxrl_llm.compile_options import compiler_options
 from jaxrl_llm.losses import exploration as X
 from jaxrl_llm.sampling.consistency import mismatch_metrics
 
-__all__ = ["Experience", "LossConfig", "make_update_step", "split_micro", "minibatch_normalizer", "accumulate",
-           "apply_if_finite"]
+__all__ = ["Experience", "LossConfig", "make_update_step", "jit_update_step", "split_micro", "minibatch_normalizer",
+           "accumulate", "apply_if_finite"]
 
 
 @flax.struct.dataclass
@@ -279,3 +280,14 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, cfg: Los
 # per-micro mean
 _SUMMED = frozenset({"loss", "policy_loss", "entropy", "kl_loss", "kl_cov_loss", "cov_selected", "pg_tokens"})
 _MAXED = frozenset({"mismatch_abs_max"})
+
+
+def jit_update_step(graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig, logprob_fn: LogprobFn,
+                    param_shardings, rest_shardings, opt_shardings):
+    """:func:`make_update_step`, jitted as the trainer runs it (and the planner compiles it): parameters and
+    optimizer state keep their shardings and are donated; compiled like the sampler, so that its log-probs round
+    like the sampler's (``compile_options.py``)."""
+    step = make_update_step(graphdef, optimizer, cfg, logprob_fn, param_shardings)
+    return jax.jit(step, in_shardings=(param_shardings, rest_shardings, opt_shardings, None, None, None),
+                   out_shardings=(param_shardings, opt_shardings, None), donate_argnums=(0, 2),
+                   compiler_options=compiler_options())
