@@ -3,8 +3,9 @@
 Model: a random tiny Qwen3 (hidden 256, 4 layers, 4 heads, 2 KV heads, head_dim 64, MLP 768, fp32) with the
 project's character tokenizer, saved once in Hugging Face format and loaded by both trainers.
 Batch: 8 prompts x 8 samples, prompts of the arithmetic task (at most 32 tokens), up to 64 completion tokens,
-temperature 1, one optimizer step per batch, the task's exact-answer reward. The first steps (compilation, warm-up)
-are excluded; the median of the remaining steps is reported for each, and their ratio.
+temperature 1, one optimizer step per batch, the task's exact-answer reward. The two trainers take turns, one step
+each, so that a slow spell of the shared machine hits both alike. The first steps (compilation, warm-up) are
+excluded; the median of the remaining steps is reported for each, and their ratio.
 
     pip install trl   # not a dependency of jaxrl_llm
     python benchmarks/grpo_step.py [--steps 10]
@@ -29,6 +30,7 @@ from jaxrl_llm.trainer.rl import RLTrainer
 
 PROMPTS, N, PROMPT_LEN, NEW = 8, 8, 32, 64
 WARMUP = 2
+PAUSE = 0.5  # seconds
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
@@ -62,22 +64,29 @@ def time_jaxrl(model_dir: str, run_dir: str, steps: int, extra: tuple[str, ...] 
     """Seconds of each of ``steps`` jaxrl_llm GRPO steps on the benchmark batch (one device by default); the
     trainer's seconds per phase of each step are appended to ``phases`` when given."""
     trainer = benchmark_trainer(model_dir, run_dir, steps, extra, devices, micro_batch)
-    times = []
+    times: list[float] = []
     try:
         for _ in range(steps):
-            t0 = time.perf_counter()
-            metrics = trainer.train_step()
-            times.append(time.perf_counter() - t0)
-            if phases is not None:
-                for k, v in metrics.items():
-                    if k.startswith("time_"):
-                        phases.setdefault(k[5:], []).append(v)
+            timed_step(trainer, times, phases)
     finally:
         trainer.close()
     return times
 
 
-def time_trl(model_dir: str, out_dir: str, steps: int) -> list[float]:
+def timed_step(trainer: RLTrainer, times: list[float], phases: dict | None = None) -> None:
+    """One step of ``trainer``: its seconds appended to ``times``, the trainer's seconds per phase to ``phases``."""
+    t0 = time.perf_counter()
+    metrics = trainer.train_step()
+    times.append(time.perf_counter() - t0)
+    if phases is not None:
+        for k, v in metrics.items():
+            if k.startswith("time_"):
+                phases.setdefault(k[5:], []).append(v)
+
+
+def time_trl(model_dir: str, out_dir: str, steps: int, between=None) -> list[float]:
+    """Seconds of each of ``steps`` TRL GRPO steps on the benchmark batch; ``between()``, when given, runs after
+    each step, outside its timing."""
     import transformers
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
@@ -97,6 +106,8 @@ def time_trl(model_dir: str, out_dir: str, steps: int) -> list[float]:
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t0)
+            if between is not None:
+                between()
 
     args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=PROMPTS * N, gradient_accumulation_steps=1,
                       num_generations=N, max_completion_length=NEW, temperature=1.0, learning_rate=1e-5,
@@ -116,9 +127,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "model")
         build_model(model_dir)
+        ours: list[float] = []
         phases: dict[str, list[float]] = {}
-        ours = time_jaxrl(model_dir, os.path.join(tmp, "jaxrl"), steps, phases=phases)
-        theirs = time_trl(model_dir, os.path.join(tmp, "trl"), steps)
+        trainer = benchmark_trainer(model_dir, os.path.join(tmp, "jaxrl"), steps)
+
+        def our_step():  # between two TRL steps; the pauses let the other library's idle worker threads sleep
+            time.sleep(PAUSE)
+            timed_step(trainer, ours, phases)
+            time.sleep(PAUSE)
+
+        try:
+            theirs = time_trl(model_dir, os.path.join(tmp, "trl"), steps, between=our_step)
+        finally:
+            trainer.close()
     a, b = statistics.median(ours[WARMUP:]), statistics.median(theirs[WARMUP:])
     print(f"batch: {PROMPTS} prompts x {N} samples, <= {PROMPT_LEN} prompt tokens, <= {NEW} new tokens, CPU")
     print(f"jaxrl_llm  s/step: {a:.3f}  (all steps: {np.round(ours, 3).tolist()})")
