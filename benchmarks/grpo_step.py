@@ -27,10 +27,10 @@ from jaxrl_llm.models import Decoder, ModelConfig, save_hf
 from jaxrl_llm.tasks import ArithTask, score_completion
 from jaxrl_llm.tokenizer import build_char_tokenizer
 from jaxrl_llm.trainer.rl import RLTrainer
+from timing import PAUSE
 
 PROMPTS, N, PROMPT_LEN, NEW = 8, 8, 32, 64
 WARMUP = 2
-PAUSE = 0.5  # seconds
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
@@ -131,7 +131,7 @@ def main() -> None:
         phases: dict[str, list[float]] = {}
         trainer = benchmark_trainer(model_dir, os.path.join(tmp, "jaxrl"), steps)
 
-        def our_step():  # between two TRL steps; the pauses let the other library's idle worker threads sleep
+        def our_step():  # between two TRL steps, with pauses as in timing.median_times
             time.sleep(PAUSE)
             timed_step(trainer, ours, phases)
             time.sleep(PAUSE)

@@ -4,11 +4,13 @@ from __future__ import annotations
 import statistics
 import time
 
+# seconds before each timed call: another library's idle worker threads spin for a while before they sleep
+PAUSE = 0.5
 
-def median_times(fns: dict, repeats: int, pause: float = 0.5) -> dict:
+
+def median_times(fns: dict, repeats: int, pause: float = PAUSE) -> dict:
     """Median seconds of each function, after one warm-up call each. The functions take turns, so a slow spell of
-    a shared machine hits them alike; ``pause`` seconds before each call let the other library's idle worker
-    threads, which spin for a while, go to sleep."""
+    a shared machine hits them alike, with ``pause`` seconds before each call."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
