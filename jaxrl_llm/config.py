@@ -105,6 +105,9 @@ class RolloutSection:
     routing_replay: bool = False  # MoE: the trainer replays the experts the sampler chose for every token
     sampler_devices: int = 0  # > 0: disaggregated, the last N devices sample and the others train
     async_rollout: bool = False  # sample step k+1 while step k trains (one step off-policy)
+    # halve the decode batch whenever at most half its rows still generate, down to this many rows (0: off;
+    # None: 8, or 0 with consistency=exact)
+    compact_rows: int | None = None
 
 
 @dataclass
@@ -450,7 +453,11 @@ def _check_rollout(cfg: TrainConfig) -> None:
     _require(r.top_k >= 0, "rollout.top_k", f"must be >= 0 (0 disables), got {r.top_k}")
     _choice(r.consistency, "rollout.consistency", CONSISTENCY)
     _require(r.sampler_devices >= 0, "rollout.sampler_devices", f"must be >= 0, got {r.sampler_devices}")
+    _require(r.compact_rows is None or r.compact_rows >= 0, "rollout.compact_rows",
+             f"must be >= 0 (0 disables), got {r.compact_rows}")
     if r.consistency == "exact":
+        _require(not r.compact_rows, "rollout.compact_rows",
+                 "exact consistency replays the full decode batch; compaction needs rollout.consistency=default")
         _require(not r.async_rollout, "rollout.async_rollout",
                  "exact consistency needs the sampler's weights to be the trainer's; async rollouts are one step "
                  "stale (use rollout.consistency=default, and algorithm.rollout_is to correct the staleness)")

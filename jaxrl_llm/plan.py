@@ -485,7 +485,7 @@ def _compile_generate(cfg, mc, model, state, mesh, s: StepShapes):
     r = cfg.rollout
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     sampler = Sampler(model, consistency=r.consistency, compute_dtype=dtypes[r.sampler_dtype] if r.sampler_dtype
-                      else None)
+                      else None, compact_rows=r.compact_rows)
     eos = mc.eos_token_id if isinstance(mc.eos_token_id, int) else 0
     params_ = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
                              max_new_tokens=r.max_new_tokens, n=r.n, stop_tokens=(eos,))

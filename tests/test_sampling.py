@@ -1,4 +1,5 @@
 """Sampler: consistency with the scorer (default and exact), sampling statistics, stops, sharing, sharding."""
+import functools
 import importlib
 
 import jax
@@ -15,6 +16,7 @@ from jaxrl_llm.sampling import (FINISH_LENGTH, FINISH_STOP, Sampler, SamplingPar
                                 mismatch_metrics, rollout_logprobs, sample_tokens, sequence_logprobs)
 from jaxrl_llm.compile_options import compiler_options
 from jaxrl_llm.sampling.filters import gumbel_noise
+from jaxrl_llm.sampling.sampler import compaction_sizes
 from jaxrl_llm.trainer.packing import plan_packing
 
 score_module = importlib.import_module("jaxrl_llm.sampling.score")  # the package exports a function `score`
@@ -111,7 +113,8 @@ def test_empirical_frequencies_match_softmax():
     mask = jnp.ones((1, 3), bool)
     n = 4000
     params = SamplingParams(temperature=1.3, max_new_tokens=1, n=n)
-    ro = Sampler(model).generate(state, ids, mask, params, jax.random.key(7))
+    # statistics only, nothing stops early: one loop stage (compaction would compile six batch sizes for nothing)
+    ro = Sampler(model, compact_rows=0).generate(state, ids, mask, params, jax.random.key(7))
     out = model(ids, left_pad_positions(mask), attention_mask=mask)
     probs = np.asarray(jax.nn.softmax(model.logits(out.hidden)[0, -1] / 1.3))
     counts = np.bincount(np.asarray(ro.tokens[:, 0]), minlength=8)
@@ -129,8 +132,8 @@ def test_second_tokens_follow_the_conditional_softmax():
     graphdef, state = nnx.split(model)
     ids = jnp.array([[3, 1, 4]], jnp.int32)
     n = 4000
-    ro = Sampler(model).generate(state, ids, jnp.ones((1, 3), bool), SamplingParams(max_new_tokens=2, n=n),
-                                 jax.random.key(11))
+    ro = Sampler(model, compact_rows=0).generate(state, ids, jnp.ones((1, 3), bool),
+                                                 SamplingParams(max_new_tokens=2, n=n), jax.random.key(11))
     seqs = jnp.concatenate([jnp.repeat(ids, 8, axis=0), jnp.arange(8, dtype=jnp.int32)[:, None]], axis=1)
     out = model(seqs, jnp.broadcast_to(jnp.arange(4), (8, 4)))
     logits = model.logits(out.hidden)
@@ -281,6 +284,59 @@ def test_sharded_equals_unsharded_and_exact_under_mesh():
     np.testing.assert_allclose(np.asarray(ro.logprobs), np.asarray(ref.logprobs), atol=1e-5)
     logp, _ = rollout_logprobs(sampler, gd2, state2, ro, temperature=1.0)
     np.testing.assert_array_equal(np.asarray(logp), np.asarray(ro.logprobs))
+
+
+def _while_loops(fn, graphdef, *args, **static) -> int:
+    jaxpr = jax.make_jaxpr(functools.partial(fn, graphdef, **static))(*args)
+    return sum(e.primitive.name == "while" for e in jaxpr.eqns)
+
+
+def test_compaction_sizes():
+    assert compaction_sizes(64, 8) == (64, 32, 16, 8)
+    assert compaction_sizes(48, 8) == (48, 24, 12)
+    assert compaction_sizes(40, 8) == (40, 20, 10)
+    assert compaction_sizes(30, 4) == (30, 15)
+    assert compaction_sizes(8, 8) == (8,)
+    assert compaction_sizes(64, 0) == (64,)
+
+
+def test_compacted_decoding_equals_the_full_batch():
+    # most rows stop early: the loop moves the rest into batches of 16, then 8 rows. The same key must give the
+    # same tokens, stops and routing as the uncompacted loop, log-probs equal up to rounding, on one device and
+    # with the batch sharded over a mesh (MoE: the dense path is the same loop without routing)
+    model = _model(moe=True, scale=3.0)
+    graphdef, state = nnx.split(model)
+    ids = jnp.asarray(np.random.default_rng(0).integers(1, 64, (8, 5)), jnp.int32)
+    mask = jnp.ones((8, 5), bool)
+    params = SamplingParams(max_new_tokens=20, n=4, stop_tokens=tuple(range(3, 12)))
+    full = Sampler(model, compact_rows=0).generate(state, ids, mask, params, jax.random.key(3))
+    compact = Sampler(model, compact_rows=8)
+    lengths = np.sort(np.asarray(full.lengths))
+    assert lengths[-9] < lengths[-1]  # at most 8 rows still going before the end: both compactions happen
+
+    loop_args = (state, ids, mask, jax.random.key(3), jnp.full((32, 1), 3, jnp.int32), jnp.full((32,), 20, jnp.int32))
+    static = dict(params=params, cache_dtype=jnp.float32, compute_dtype=None)
+    assert _while_loops(compact._generate.__wrapped__, graphdef, *loop_args, **static, compact_rows=2) == 5
+    assert _while_loops(compact._generate.__wrapped__, graphdef, *loop_args, **static, compact_rows=0) == 1
+
+    mesh = make_mesh({"data": 2, "tensor": 2, "expert": 2})
+    sharded_model = _model(moe=True, scale=3.0)
+    shard_model(sharded_model, mesh)
+    batch = NamedSharding(mesh, P("data"))
+    runs = [compact.generate(state, ids, mask, params, jax.random.key(3)),
+            Sampler(sharded_model).generate(nnx.split(sharded_model)[1], jax.device_put(ids, batch),
+                                                            jax.device_put(mask, batch), params, jax.random.key(3))]
+    fed = np.concatenate([np.ones((32, 5), bool), np.asarray(full.mask)], axis=1)  # routing of every fed token
+    for ro in runs:
+        for field in ("tokens", "lengths", "finish_reason", "mask"):
+            np.testing.assert_array_equal(np.asarray(getattr(ro, field)), np.asarray(getattr(full, field)))
+        np.testing.assert_allclose(np.asarray(ro.logprobs), np.asarray(full.logprobs), atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(ro.experts)[:, fed], np.asarray(full.experts)[:, fed])
+    with pytest.raises(ValueError, match="compact_rows"):
+        Sampler(model, consistency="exact", compact_rows=8)
+    with pytest.raises(ValueError, match="compact_rows"):
+        Sampler(model, compact_rows=-1)
+    assert Sampler(model, consistency="exact").compact_rows == 0
 
 
 def test_bf16_sampler_against_fp32_scorer():

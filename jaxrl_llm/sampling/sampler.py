@@ -69,8 +69,21 @@ def decode_step(model: Decoder, cache, tokens, positions):
     return model.logits(out.hidden)[:, 0], out.cache, experts
 
 
+def compaction_sizes(rows: int, compact_rows: int) -> tuple[int, ...]:
+    """Batch sizes of the decode loop's stages: ``rows``, then halved while the half still holds ``compact_rows``.
+
+    A stage runs until at most the next size's rows are still generating; those rows then move into a batch of
+    that size (finished rows only cost time: each decode step costs about the same per row, finished or not).
+    ``compact_rows=0`` keeps one stage.
+    """
+    sizes = [rows]
+    while compact_rows and sizes[-1] % 2 == 0 and sizes[-1] // 2 >= compact_rows:
+        sizes.append(sizes[-1] // 2)
+    return tuple(sizes)
+
+
 def _generate(graphdef, state, prompt_ids, prompt_mask, key, row_stop, row_max_new, *, params: SamplingParams,
-              cache_dtype, compute_dtype):
+              cache_dtype, compute_dtype, compact_rows: int = 0):
     if compute_dtype is not None:
         state = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                              state)
@@ -90,42 +103,52 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, row_stop, row_max_n
             axis=2)
 
     # each step's Gumbel noise is drawn one step ahead: it does not depend on the logits, so drawing it overlaps the
-    # decode step instead of delaying the next token (on CPU the noise costs about as much as an attention layer)
+    # decode step instead of delaying the next token (on CPU the noise costs about as much as an attention layer).
+    # It is drawn for every row, also after compaction: a row's tokens do not depend on which rows share its batch
     key, sub = jax.random.split(key)
     gumbel = None if params.greedy else gumbel_noise(sub, logits.shape)
-    carry = dict(
-        t=jnp.zeros((), jnp.int32), key=key, cache=cache, logits=logits, gumbel=gumbel,
+    c = dict(
+        t=jnp.zeros((), jnp.int32), key=key, cache=cache, logits=logits, gumbel=gumbel, ids=None,
         tokens=jnp.zeros((rows, r), jnp.int32), logprobs=jnp.zeros((rows, r), jnp.float32),
         done=jnp.zeros((rows,), bool), stopped=jnp.zeros((rows,), bool), lengths=jnp.zeros((rows,), jnp.int32),
         experts=experts,
     )
 
-    def cond(c):
-        return (c["t"] < r) & ~jnp.all(c["done"])
-
     def body(c):
-        t = c["t"]
+        # per-row arrays (outputs, flags, stops, noise) keep every row; cache and logits hold the current stage's
+        # rows, ``ids`` (None before the first compaction: all rows, in order)
+        t, ids = c["t"], c["ids"]
+        at = slice(None) if ids is None else ids
         key, sub = jax.random.split(c["key"])
-        tok = sample_tokens(None, c["logits"], params, gumbel=c["gumbel"])
+        tok = sample_tokens(None, c["logits"], params, gumbel=None if params.greedy else c["gumbel"][at])
         logp = token_logprob(c["logits"], tok, params.temperature)
-        active = ~c["done"]
+        active = ~c["done"][at]
         tok = jnp.where(active, tok, 0)
-        is_stop = active & jnp.any(tok[:, None] == row_stop, axis=1)
-        lengths = c["lengths"] + active
-        done = c["done"] | is_stop | (lengths >= row_max_new)
-        new_logits, cache, routed = decode_step(model, c["cache"], tok, prompt_len + t)
+        is_stop = active & jnp.any(tok[:, None] == row_stop[at], axis=1)
+        lengths = c["lengths"][at] + active
+        done = c["done"][at] | is_stop | (lengths >= row_max_new[at])
+        new_logits, cache, routed = decode_step(model, c["cache"], tok, prompt_len[at] + t)
         out = dict(
-            t=t + 1, key=key, cache=cache, logits=new_logits,
-            gumbel=None if params.greedy else gumbel_noise(sub, new_logits.shape),
-            tokens=c["tokens"].at[:, t].set(tok),
-            logprobs=c["logprobs"].at[:, t].set(jnp.where(active, logp, 0.0)),
-            done=done, stopped=c["stopped"] | is_stop, lengths=lengths, experts=c["experts"],
+            t=t + 1, key=key, cache=cache, logits=new_logits, ids=ids,
+            gumbel=None if params.greedy else gumbel_noise(sub, (rows, new_logits.shape[-1])),
+            tokens=c["tokens"].at[at, t].set(tok),
+            logprobs=c["logprobs"].at[at, t].set(jnp.where(active, logp, 0.0)),
+            done=c["done"].at[at].set(done), stopped=c["stopped"].at[at].set(c["stopped"][at] | is_stop),
+            lengths=c["lengths"].at[at].set(lengths), experts=c["experts"],
         )
         if routed is not None:
-            out["experts"] = c["experts"].at[:, :, p + t].set(routed)
+            out["experts"] = c["experts"].at[:, at, p + t].set(routed)
         return out
 
-    c = jax.lax.while_loop(cond, body, carry)
+    sizes = compaction_sizes(rows, compact_rows)
+    for stage, size in enumerate(sizes):
+        if stage:  # keep the still-active rows (at most ``size`` of them: the last loop ran until they were)
+            keep = jnp.argsort((c["done"] if c["ids"] is None else c["done"][c["ids"]]).astype(jnp.int32),
+                               stable=True)[:size]
+            c = dict(c, ids=keep if c["ids"] is None else c["ids"][keep], logits=c["logits"][keep],
+                     cache=c["cache"].map_batch(lambda x: x[keep]))
+        limit = sizes[stage + 1] if stage + 1 < len(sizes) else 0
+        c = jax.lax.while_loop(lambda c, limit=limit: (c["t"] < r) & (jnp.sum(~c["done"]) > limit), body, c)
     mask = jnp.arange(r)[None, :] < c["lengths"][:, None]
     return Rollout(
         prompt_ids=jnp.repeat(prompt_ids, n, axis=0), prompt_mask=jnp.repeat(prompt_mask, n, axis=0),
@@ -172,14 +195,27 @@ class Sampler:
         replays the sampler's own prefill/decode computation, so log-probs are bitwise equal; it needs the same
         rows, padding and ``n`` as the rollout).
       compute_dtype: sample in another precision than the model's (e.g. ``jnp.bfloat16`` with an fp32 trainer).
+      compact_rows: once at most half of the decode batch is still generating, those rows move into a batch of
+        half the size, down to ``compact_rows`` rows (default 8; ``0`` turns compaction off). Finished rows
+        otherwise cost as much per step as active ones. Rows in a smaller batch round slightly differently (about
+        1e-7 in the logits), so ``exact`` mode, whose scorer replays the full batch, does not compact.
     """
 
     CONSISTENCY_MODES = ("default", "exact")
 
-    def __init__(self, model: Decoder, *, consistency: str = "default", compute_dtype=None, cache_dtype=None):
+    DEFAULT_COMPACT_ROWS = 8
+
+    def __init__(self, model: Decoder, *, consistency: str = "default", compute_dtype=None, cache_dtype=None,
+                 compact_rows: int | None = None):
         if consistency not in self.CONSISTENCY_MODES:
             raise ValueError(f"consistency must be one of {self.CONSISTENCY_MODES}, got {consistency!r}")
+        if compact_rows is None:
+            compact_rows = 0 if consistency == "exact" else self.DEFAULT_COMPACT_ROWS
+        if compact_rows < 0 or (compact_rows and consistency == "exact"):
+            raise ValueError(f"compact_rows must be >= 0, and 0 with consistency='exact' (its scorer replays the "
+                             f"full batch); got {compact_rows}")
         self.consistency = consistency
+        self.compact_rows = int(compact_rows)
         self.cfg = model.cfg
         if consistency == "exact" and compute_dtype is not None and compute_dtype != model.dtype:
             raise ValueError("consistency='exact' needs the sampler to run in the model's own precision; "
@@ -199,7 +235,8 @@ class Sampler:
         # both programs compile with the same options: exact mode needs the scorer's decode steps to be the sampler's
         options = compiler_options()
         self._generate = jax.jit(_generate, static_argnums=(0,),
-                                 static_argnames=("params", "cache_dtype", "compute_dtype"), compiler_options=options)
+                                 static_argnames=("params", "cache_dtype", "compute_dtype", "compact_rows"),
+                                 compiler_options=options)
         self._score_exact = jax.jit(_score_exact, static_argnums=(0,),
                                     static_argnames=("n", "temperature", "cache_dtype", "compute_dtype"),
                                     compiler_options=options)
@@ -239,7 +276,7 @@ class Sampler:
             row_max = jnp.minimum(row_max, jnp.asarray(max_new_tokens, jnp.int32))
         return self._generate(self.graphdef, state, prompt_ids, prompt_mask, key, jnp.repeat(row_stop, n, axis=0),
                               jnp.repeat(row_max, n), params=params, cache_dtype=self.cache_dtype,
-                              compute_dtype=self.compute_dtype)
+                              compute_dtype=self.compute_dtype, compact_rows=self.compact_rows)
 
     def score_exact(self, state, rollout: Rollout, temperature: float):
         """Bitwise-consistent per-token (log-prob, entropy) of the rollout's tokens (``exact`` mode)."""

@@ -150,7 +150,8 @@ class RLTrainer:
         a, r, t = cfg.algorithm, cfg.rollout, cfg.train
         self.ref_params = jax.tree.map(jnp.copy, self.params) if a.kl_coef > 0 else None
         sampler_dtype = _DTYPES[r.sampler_dtype] if r.sampler_dtype else None
-        self.sampler = Sampler(model, consistency=r.consistency, compute_dtype=sampler_dtype)
+        self.sampler = Sampler(model, consistency=r.consistency, compute_dtype=sampler_dtype,
+                               compact_rows=r.compact_rows)
         stops = tuple(i for i in (self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>"))
                       if isinstance(i, int) and i >= 0 and i != self.tokenizer.unk_token_id)
         self.sampling = SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, min_p=r.min_p,
