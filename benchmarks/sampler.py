@@ -3,7 +3,9 @@
 Model: a tiny random Qwen3 (vocab 1024, hidden 256, 4 layers, 4 heads, 2 KV heads, head_dim 64, MLP 768, fp32).
 Work: 32 prompts x 32 tokens -> 64 new tokens each (no stop token, so both generate exactly 64).
 Also: the cost of a rollout plus the trainer-side scoring of its tokens in `exact` consistency mode relative to
-the default mode (the extra cost exact mode pays for bitwise-equal log-probs).
+the default mode (the extra cost exact mode pays for bitwise-equal log-probs); and, on rollouts where rows stop
+at different lengths (any of 32 stop tokens ends a row), the rollout with the decode batch compacted as rows
+finish (the default) against one full-width loop.
 
     python benchmarks/sampler.py [--repeats 5]
 """
@@ -80,6 +82,19 @@ def main() -> None:
     t = median_times({"default": rollout_and_score("default"), "exact": rollout_and_score("exact")}, args.repeats)
     t_default, t_exact = t["default"], t["exact"]
 
+    stopping = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, stop_tokens=tuple(range(1, 33)))
+    lengths = []
+
+    def rollout_with_stops(sampler):
+        def run():
+            ro = sampler.generate(state, jids, jmask, stopping, next(keys))
+            lengths.append(np.asarray(ro.lengths))
+        return run
+
+    t = median_times({"compact": rollout_with_stops(samplers["default"]),
+                      "full": rollout_with_stops(Sampler(model, compact_rows=0))}, args.repeats)
+    t_compact, t_full = t["compact"], t["full"]
+
     # mismatch figures in each mode on one rollout
     figures = {}
     for mode, sampler in samplers.items():
@@ -95,6 +110,10 @@ def main() -> None:
     print(f"rollout + scoring, default mode: {t_default:.3f} s; exact mode: {t_exact:.3f} s; "
           f"exact/default cost ratio: {t_exact / t_default:.2f}x (goal <= 1.3x)")
     print(f"sampler vs trainer max |logp diff|: default {figures['default']:.3g}, exact {figures['exact']:.3g}")
+    lengths = np.concatenate(lengths)
+    print(f"rollouts with stops (mean length {lengths.mean():.1f}, {np.mean(lengths == args.new_tokens):.0%} "
+          f"at the limit): compacted {t_compact:.3f} s, one full-width loop {t_full:.3f} s, "
+          f"speed-up {t_full / t_compact:.2f}x")
 
 
 if __name__ == "__main__":
