@@ -16,7 +16,7 @@ from jaxrl_llm.sampling import (FINISH_LENGTH, FINISH_STOP, Sampler, SamplingPar
                                 mismatch_metrics, rollout_logprobs, sample_tokens, sequence_logprobs)
 from jaxrl_llm.compile_options import compiler_options
 from jaxrl_llm.sampling.filters import gumbel_noise
-from jaxrl_llm.sampling.sampler import compaction_sizes
+from jaxrl_llm.sampling.sampler import _batch_shards, compaction_sizes
 from jaxrl_llm.trainer.packing import plan_packing
 
 score_module = importlib.import_module("jaxrl_llm.sampling.score")  # the package exports a function `score`
@@ -303,7 +303,8 @@ def test_compaction_sizes():
 def test_compacted_decoding_equals_the_full_batch():
     # most rows stop early: the loop moves the rest into batches of 16, then 8 rows. The same key must give the
     # same tokens, stops and routing as the uncompacted loop, log-probs equal up to rounding, on one device and
-    # with the batch sharded over a mesh (MoE: the dense path is the same loop without routing)
+    # with the batch sharded over a mesh, where each of the 2 data shards compacts its own rows (16 -> 8 -> 4)
+    # (MoE: the dense path is the same loop without routing)
     model = _model(moe=True, scale=3.0)
     graphdef, state = nnx.split(model)
     ids = jnp.asarray(np.random.default_rng(0).integers(1, 64, (8, 5)), jnp.int32)
@@ -323,6 +324,7 @@ def test_compacted_decoding_equals_the_full_batch():
     sharded_model = _model(moe=True, scale=3.0)
     shard_model(sharded_model, mesh)
     batch = NamedSharding(mesh, P("data"))
+    assert _batch_shards(jax.device_put(ids, batch)) == 2 and _batch_shards(ids) == 1
     runs = [compact.generate(state, ids, mask, params, jax.random.key(3)),
             Sampler(sharded_model).generate(nnx.split(sharded_model)[1], jax.device_put(ids, batch),
                                                             jax.device_put(mask, batch), params, jax.random.key(3))]

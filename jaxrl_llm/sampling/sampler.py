@@ -82,8 +82,15 @@ def compaction_sizes(rows: int, compact_rows: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def _batch_shards(prompt_ids: jax.Array) -> int:
+    """Into how many equal blocks of rows the prompts' sharding splits the batch (1 when it is not split)."""
+    b = prompt_ids.shape[0]
+    per_shard = prompt_ids.sharding.shard_shape(prompt_ids.shape)[0]
+    return b // per_shard if b % per_shard == 0 else 1
+
+
 def _generate(graphdef, state, prompt_ids, prompt_mask, key, row_stop, row_max_new, *, params: SamplingParams,
-              cache_dtype, compute_dtype, compact_rows: int = 0):
+              cache_dtype, compute_dtype, compact_rows: int = 0, shards: int = 1):
     if compute_dtype is not None:
         state = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                              state)
@@ -114,41 +121,65 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, row_stop, row_max_n
         experts=experts,
     )
 
+    # compaction is local to each of the batch's ``shards`` (the rows one data-parallel device holds): rows never
+    # move between devices, and the smaller batches stay split like the first. ``ids [shards, per-shard size]``
+    # holds each shard's current rows (None before the first compaction: all rows, in order)
+    def rows_of(x, ids):  # x [rows, ...] -> the current rows [shards * size, ...]
+        if ids is None:
+            return x
+        blocks = x.reshape(shards, -1, *x.shape[1:])
+        return jax.vmap(lambda xb, ib: xb[ib])(blocks, ids).reshape(-1, *x.shape[1:])
+
+    def put_rows(full, x, ids, axis=0):  # write the current rows' values back into ``full`` (rows along ``axis``)
+        if ids is None:
+            return x
+        full, x = jnp.moveaxis(full, axis, 0), jnp.moveaxis(x, axis, 0)
+        blocks = full.reshape(shards, -1, *full.shape[1:])
+        parts = x.reshape(shards, -1, *x.shape[1:])
+        out = jax.vmap(lambda fb, ib, xb: fb.at[ib].set(xb))(blocks, ids, parts).reshape(full.shape)
+        return jnp.moveaxis(out, 0, axis)
+
     def body(c):
-        # per-row arrays (outputs, flags, stops, noise) keep every row; cache and logits hold the current stage's
-        # rows, ``ids`` (None before the first compaction: all rows, in order)
+        # per-row arrays (outputs, flags, stops, noise) keep every row; cache and logits hold the current rows
         t, ids = c["t"], c["ids"]
-        at = slice(None) if ids is None else ids
         key, sub = jax.random.split(c["key"])
-        tok = sample_tokens(None, c["logits"], params, gumbel=None if params.greedy else c["gumbel"][at])
+        tok = sample_tokens(None, c["logits"], params, gumbel=None if params.greedy else rows_of(c["gumbel"], ids))
         logp = token_logprob(c["logits"], tok, params.temperature)
-        active = ~c["done"][at]
+        active = ~rows_of(c["done"], ids)
         tok = jnp.where(active, tok, 0)
-        is_stop = active & jnp.any(tok[:, None] == row_stop[at], axis=1)
-        lengths = c["lengths"][at] + active
-        done = c["done"][at] | is_stop | (lengths >= row_max_new[at])
-        new_logits, cache, routed = decode_step(model, c["cache"], tok, prompt_len[at] + t)
+        is_stop = active & jnp.any(tok[:, None] == rows_of(row_stop, ids), axis=1)
+        lengths = rows_of(c["lengths"], ids) + active
+        done = ~active | is_stop | (lengths >= rows_of(row_max_new, ids))
+        new_logits, cache, routed = decode_step(model, c["cache"], tok, rows_of(prompt_len, ids) + t)
+        stopped = c["stopped"] | put_rows(jnp.zeros_like(c["stopped"]), is_stop, ids)
         out = dict(
             t=t + 1, key=key, cache=cache, logits=new_logits, ids=ids,
             gumbel=None if params.greedy else gumbel_noise(sub, (rows, new_logits.shape[-1])),
-            tokens=c["tokens"].at[at, t].set(tok),
-            logprobs=c["logprobs"].at[at, t].set(jnp.where(active, logp, 0.0)),
-            done=c["done"].at[at].set(done), stopped=c["stopped"].at[at].set(c["stopped"][at] | is_stop),
-            lengths=c["lengths"].at[at].set(lengths), experts=c["experts"],
+            tokens=c["tokens"].at[:, t].set(put_rows(c["tokens"][:, t], tok, ids)),
+            logprobs=c["logprobs"].at[:, t].set(put_rows(c["logprobs"][:, t], jnp.where(active, logp, 0.0), ids)),
+            done=put_rows(c["done"], done, ids), stopped=stopped, lengths=put_rows(c["lengths"], lengths, ids),
+            experts=c["experts"],
         )
-        if routed is not None:
-            out["experts"] = c["experts"].at[:, at, p + t].set(routed)
+        if routed is not None:  # experts [layers, rows, P + R, k]
+            out["experts"] = c["experts"].at[:, :, p + t].set(put_rows(c["experts"][:, :, p + t], routed, ids, axis=1))
         return out
 
-    sizes = compaction_sizes(rows, compact_rows)
+    sizes = compaction_sizes(rows // shards, -(-compact_rows // shards))  # per shard
     for stage, size in enumerate(sizes):
-        if stage:  # keep the still-active rows (at most ``size`` of them: the last loop ran until they were)
-            keep = jnp.argsort((c["done"] if c["ids"] is None else c["done"][c["ids"]]).astype(jnp.int32),
-                               stable=True)[:size]
-            c = dict(c, ids=keep if c["ids"] is None else c["ids"][keep], logits=c["logits"][keep],
-                     cache=c["cache"].map_batch(lambda x: x[keep]))
+        if stage:  # each shard keeps its still-active rows (at most ``size``: the last loop ran until they were)
+            done = rows_of(c["done"], c["ids"]).reshape(shards, -1)
+            keep = jnp.argsort(done.astype(jnp.int32), axis=1, stable=True)[:, :size]
+            ids = keep if c["ids"] is None else jnp.take_along_axis(c["ids"], keep, axis=1)
+
+            def take(x, keep=keep):
+                return jax.vmap(lambda xb, kb: xb[kb])(x.reshape(shards, -1, *x.shape[1:]), keep) \
+                    .reshape(-1, *x.shape[1:])
+            c = dict(c, ids=ids, logits=take(c["logits"]), cache=c["cache"].map_batch(take))
         limit = sizes[stage + 1] if stage + 1 < len(sizes) else 0
-        c = jax.lax.while_loop(lambda c, limit=limit: (c["t"] < r) & (jnp.sum(~c["done"]) > limit), body, c)
+
+        def cond(c, limit=limit):  # some shard still has more active rows than the next stage holds
+            return (c["t"] < r) & (jnp.max(jnp.sum(~c["done"].reshape(shards, -1), axis=1)) > limit)
+        c = jax.lax.while_loop(cond, body, c)
     mask = jnp.arange(r)[None, :] < c["lengths"][:, None]
     return Rollout(
         prompt_ids=jnp.repeat(prompt_ids, n, axis=0), prompt_mask=jnp.repeat(prompt_mask, n, axis=0),
@@ -197,8 +228,9 @@ class Sampler:
       compute_dtype: sample in another precision than the model's (e.g. ``jnp.bfloat16`` with an fp32 trainer).
       compact_rows: once at most half of the decode batch is still generating, those rows move into a batch of
         half the size, down to ``compact_rows`` rows (default 8; ``0`` turns compaction off). Finished rows
-        otherwise cost as much per step as active ones. Rows in a smaller batch round slightly differently (about
-        1e-7 in the logits), so ``exact`` mode, whose scorer replays the full batch, does not compact.
+        otherwise cost as much per step as active ones. With the prompts sharded by rows, each shard compacts its
+        own rows (nothing moves between devices). Rows in a smaller batch round slightly differently (about 1e-7
+        in the logits), so ``exact`` mode, whose scorer replays the full batch, does not compact.
     """
 
     CONSISTENCY_MODES = ("default", "exact")
@@ -235,7 +267,7 @@ class Sampler:
         # both programs compile with the same options: exact mode needs the scorer's decode steps to be the sampler's
         options = compiler_options()
         self._generate = jax.jit(_generate, static_argnums=(0,),
-                                 static_argnames=("params", "cache_dtype", "compute_dtype", "compact_rows"),
+                                 static_argnames=("params", "cache_dtype", "compute_dtype", "compact_rows", "shards"),
                                  compiler_options=options)
         self._score_exact = jax.jit(_score_exact, static_argnums=(0,),
                                     static_argnames=("n", "temperature", "cache_dtype", "compute_dtype"),
@@ -276,7 +308,8 @@ class Sampler:
             row_max = jnp.minimum(row_max, jnp.asarray(max_new_tokens, jnp.int32))
         return self._generate(self.graphdef, state, prompt_ids, prompt_mask, key, jnp.repeat(row_stop, n, axis=0),
                               jnp.repeat(row_max, n), params=params, cache_dtype=self.cache_dtype,
-                              compute_dtype=self.compute_dtype, compact_rows=self.compact_rows)
+                              compute_dtype=self.compute_dtype, compact_rows=self.compact_rows,
+                              shards=_batch_shards(prompt_ids))
 
     def score_exact(self, state, rollout: Rollout, temperature: float):
         """Bitwise-consistent per-token (log-prob, entropy) of the rollout's tokens (``exact`` mode)."""
