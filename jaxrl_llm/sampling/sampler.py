@@ -151,13 +151,14 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, row_stop, row_max_n
         lengths = rows_of(c["lengths"], ids) + active
         done = ~active | is_stop | (lengths >= rows_of(row_max_new, ids))
         new_logits, cache, routed = decode_step(model, c["cache"], tok, rows_of(prompt_len, ids) + t)
-        stopped = c["stopped"] | put_rows(jnp.zeros_like(c["stopped"]), is_stop, ids)
+        stopped = rows_of(c["stopped"], ids) | is_stop
         out = dict(
             t=t + 1, key=key, cache=cache, logits=new_logits, ids=ids,
             gumbel=None if params.greedy else gumbel_noise(sub, (rows, new_logits.shape[-1])),
             tokens=c["tokens"].at[:, t].set(put_rows(c["tokens"][:, t], tok, ids)),
             logprobs=c["logprobs"].at[:, t].set(put_rows(c["logprobs"][:, t], jnp.where(active, logp, 0.0), ids)),
-            done=put_rows(c["done"], done, ids), stopped=stopped, lengths=put_rows(c["lengths"], lengths, ids),
+            done=put_rows(c["done"], done, ids), stopped=put_rows(c["stopped"], stopped, ids),
+            lengths=put_rows(c["lengths"], lengths, ids),
             experts=c["experts"],
         )
         if routed is not None:  # experts [layers, rows, P + R, k]
@@ -170,11 +171,8 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, row_stop, row_max_n
             done = rows_of(c["done"], c["ids"]).reshape(shards, -1)
             keep = jnp.argsort(done.astype(jnp.int32), axis=1, stable=True)[:, :size]
             ids = keep if c["ids"] is None else jnp.take_along_axis(c["ids"], keep, axis=1)
-
-            def take(x, keep=keep):
-                return jax.vmap(lambda xb, kb: xb[kb])(x.reshape(shards, -1, *x.shape[1:]), keep) \
-                    .reshape(-1, *x.shape[1:])
-            c = dict(c, ids=ids, logits=take(c["logits"]), cache=c["cache"].map_batch(take))
+            c = dict(c, ids=ids, logits=rows_of(c["logits"], keep),
+                     cache=c["cache"].map_batch(functools.partial(rows_of, ids=keep)))
         limit = sizes[stage + 1] if stage + 1 < len(sizes) else 0
 
         def cond(c, limit=limit):  # some shard still has more active rows than the next stage holds
