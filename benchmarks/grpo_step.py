@@ -27,7 +27,7 @@ from jaxrl_llm.models import Decoder, ModelConfig, save_hf
 from jaxrl_llm.tasks import ArithTask, score_completion
 from jaxrl_llm.tokenizer import build_char_tokenizer
 from jaxrl_llm.trainer.rl import RLTrainer
-from timing import PAUSE
+from timing import PAUSE, machine
 
 PROMPTS, N, PROMPT_LEN, NEW = 8, 8, 32, 64
 WARMUP = 2
@@ -141,7 +141,7 @@ def main() -> None:
         finally:
             trainer.close()
     a, b = statistics.median(ours[WARMUP:]), statistics.median(theirs[WARMUP:])
-    print(f"batch: {PROMPTS} prompts x {N} samples, <= {PROMPT_LEN} prompt tokens, <= {NEW} new tokens, CPU")
+    print(f"batch: {PROMPTS} prompts x {N} samples, <= {PROMPT_LEN} prompt tokens, <= {NEW} new tokens, CPU ({machine()})")
     print(f"jaxrl_llm  s/step: {a:.3f}  (all steps: {np.round(ours, 3).tolist()})")
     print("jaxrl_llm  phases (median s): " + ", ".join(f"{k} {statistics.median(v[WARMUP:]):.3f}"
                                                    for k, v in phases.items()))

@@ -27,7 +27,7 @@ from jaxrl_llm.models import load_hf
 from jaxrl_llm.sampling import Sampler, SamplingParams, rollout_logprobs
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import median_times  # noqa: E402
+from timing import machine, median_times  # noqa: E402
 
 
 def main() -> None:
@@ -104,6 +104,7 @@ def main() -> None:
 
     print(f"{args.prompts} prompts x {args.prompt_len} tokens -> {args.new_tokens} new tokens, tiny Qwen3 fp32, "
           f"CPU ({jax.device_count()} JAX device(s), torch threads {torch.get_num_threads()})")
+    print(f"machine: {machine()}")
     print(f"transformers generate : {total_new / t_hf:10.1f} tokens/s  ({t_hf:.3f} s)")
     print(f"jaxrl_llm sampler     : {total_new / t_ours:10.1f} tokens/s  ({t_ours:.3f} s)")
     print(f"speed-up vs transformers: {t_hf / t_ours:.2f}x (goal >= 3x)")

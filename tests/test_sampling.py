@@ -176,10 +176,8 @@ def test_sampler_and_scorer_compile_alike_on_cpu():
     for mode in ("default", "exact"):
         sampler = Sampler(model, consistency=mode)
         ro = sampler.generate(state, ids, mask, params, jax.random.key(0))
-        generate = sampler._generate.lower(graphdef, state, ids, mask, jax.random.key(0),
-                                           jnp.full((6, 1), -1, jnp.int32), jnp.full((6,), 4, jnp.int32),
-                                           params=params, cache_dtype=sampler.cache_dtype, compute_dtype=None)
-        assert "ynn" not in generate.compile().as_text()
+        generate = sampler.lower(state, ids, mask, params, jax.random.key(0)).compile().as_text()
+        assert "ynn" not in generate and "while" in generate
     scorer = score_module._jitted_score().lower(graphdef, state, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
                                                 None, temperature=1.0, chunk=512, layer=None, group=1)
     assert "ynn" not in scorer.compile().as_text()
@@ -361,6 +359,8 @@ def test_bad_input():
     ids, mask = _prompts()
     with pytest.raises(ValueError, match="empty prompt at row"):
         sampler.generate(state, ids, mask.at[0].set(False), SamplingParams(), jax.random.key(0))
+    with pytest.raises(ValueError, match="empty prompt at row"):  # lowering checks the same inputs
+        sampler.lower(state, ids, mask.at[0].set(False), SamplingParams(), jax.random.key(0))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         sampler.generate(state, ids, mask, SamplingParams(max_new_tokens=5000), jax.random.key(0))
     with pytest.raises(ValueError, match="left-padded"):

@@ -271,13 +271,9 @@ class Sampler:
                                     static_argnames=("n", "temperature", "cache_dtype", "compute_dtype"),
                                     compiler_options=options)
 
-    def generate(self, state, prompt_ids, prompt_mask, params: SamplingParams, key, *, stop_tokens=None,
-                 max_new_tokens=None) -> Rollout:
-        """Sample ``params.n`` continuations of each left-padded prompt.
-
-        ``stop_tokens`` (int ``[B, K]``, -1 = unused) and ``max_new_tokens`` (int ``[B]``) set per-prompt stops and
-        budgets on top of ``params.stop_tokens`` / ``params.max_new_tokens``.
-        """
+    def _generate_args(self, state, prompt_ids, prompt_mask, params: SamplingParams, key, stop_tokens,
+                       max_new_tokens):
+        """Checks the inputs; the jitted sampler's positional and keyword arguments."""
         prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
         prompt_mask = jnp.asarray(prompt_mask, bool)
         if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
@@ -304,10 +300,28 @@ class Sampler:
         row_max = jnp.full((b,), params.max_new_tokens, jnp.int32)
         if max_new_tokens is not None:
             row_max = jnp.minimum(row_max, jnp.asarray(max_new_tokens, jnp.int32))
-        return self._generate(self.graphdef, state, prompt_ids, prompt_mask, key, jnp.repeat(row_stop, n, axis=0),
-                              jnp.repeat(row_max, n), params=params, cache_dtype=self.cache_dtype,
-                              compute_dtype=self.compute_dtype, compact_rows=self.compact_rows,
-                              shards=_batch_shards(prompt_ids))
+        args = (self.graphdef, state, prompt_ids, prompt_mask, key, jnp.repeat(row_stop, n, axis=0),
+                jnp.repeat(row_max, n))
+        options = dict(params=params, cache_dtype=self.cache_dtype, compute_dtype=self.compute_dtype,
+                       compact_rows=self.compact_rows, shards=_batch_shards(prompt_ids))
+        return args, options
+
+    def generate(self, state, prompt_ids, prompt_mask, params: SamplingParams, key, *, stop_tokens=None,
+                 max_new_tokens=None) -> Rollout:
+        """Sample ``params.n`` continuations of each left-padded prompt.
+
+        ``stop_tokens`` (int ``[B, K]``, -1 = unused) and ``max_new_tokens`` (int ``[B]``) set per-prompt stops and
+        budgets on top of ``params.stop_tokens`` / ``params.max_new_tokens``.
+        """
+        args, options = self._generate_args(state, prompt_ids, prompt_mask, params, key, stop_tokens, max_new_tokens)
+        return self._generate(*args, **options)
+
+    def lower(self, state, prompt_ids, prompt_mask, params: SamplingParams, key, *, stop_tokens=None,
+              max_new_tokens=None) -> jax.stages.Lowered:
+        """The program :meth:`generate` runs for these arguments, lowered (``.compile().as_text()`` shows what XLA
+        made of it)."""
+        args, options = self._generate_args(state, prompt_ids, prompt_mask, params, key, stop_tokens, max_new_tokens)
+        return self._generate.lower(*args, **options)
 
     def score_exact(self, state, rollout: Rollout, temperature: float):
         """Bitwise-consistent per-token (log-prob, entropy) of the rollout's tokens (``exact`` mode)."""
