@@ -141,7 +141,8 @@ def main() -> None:
         finally:
             trainer.close()
     a, b = statistics.median(ours[WARMUP:]), statistics.median(theirs[WARMUP:])
-    print(f"batch: {PROMPTS} prompts x {N} samples, <= {PROMPT_LEN} prompt tokens, <= {NEW} new tokens, CPU ({machine()})")
+    print(f"batch: {PROMPTS} prompts x {N} samples, <= {PROMPT_LEN} prompt tokens, <= {NEW} new tokens, "
+          f"CPU ({machine()})")
     print(f"jaxrl_llm  s/step: {a:.3f}  (all steps: {np.round(ours, 3).tolist()})")
     print("jaxrl_llm  phases (median s): " + ", ".join(f"{k} {statistics.median(v[WARMUP:]):.3f}"
                                                    for k, v in phases.items()))
