@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.layers import MLP, Attention, LayerCache, MoE, RMSNorm, param, rope_inv_freq
+from jaxrl_llm.models.layers import MLP, Attention, LayerCache, MoE, RMSNorm, param, rope_inv_freq, rope_tables
 from jaxrl_llm.parallel import constrain_rows
 
 REMAT_POLICIES = ("none", "full", "dots")
@@ -66,8 +66,8 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x, positions, inv_freq, allowed, cache, cache_index, forced):
-        h, cache = self.attn(self.attn_norm(x), positions, inv_freq, allowed, cache, cache_index)
+    def __call__(self, x, rope, allowed, cache, cache_index, forced):
+        h, cache = self.attn(self.attn_norm(x), rope, allowed, cache, cache_index)
         x = x + h.astype(x.dtype)
         logits = experts = None
         if self.is_moe:
@@ -145,7 +145,7 @@ class Decoder(nnx.Module):
                     jnp.zeros(cache.mask.shape, jnp.int32), segment_ids.astype(jnp.int32), cache_index, axis=1)
                 allowed &= (slot_segment[:, None, :] == 0) | (slot_segment[:, None, :] == segment_ids[:, :, None])
 
-        inv_freq = rope_inv_freq(cfg)
+        rope = rope_tables(positions, rope_inv_freq(cfg))
         x = constrain_rows(self.embed[...][tokens].astype(self.dtype))
         residuals = [x] if return_residuals else None
         router_logits, experts = [], []
@@ -160,7 +160,7 @@ class Decoder(nnx.Module):
             forced = None
             if layer.is_moe and forced_experts is not None:
                 forced = forced_experts[moe_i]
-            x, layer_cache, logits, chosen = call(layer, x, positions, inv_freq, allowed, layer_cache,
+            x, layer_cache, logits, chosen = call(layer, x, rope, allowed, layer_cache,
                                                   cache_index, forced)
             x = constrain_rows(x)
             if layer.is_moe:

@@ -82,15 +82,36 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
     return jnp.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate ``x [B, T, heads, head_dim]`` by ``positions [B, T]`` (rotate-half convention), in float32."""
+def _rope_tables(emb: jax.Array) -> tuple[jax.Array, jax.Array]:
+    sin = jnp.sin(emb)
+    half = emb.shape[-1] // 2
+    return jnp.cos(emb), jnp.concatenate([-sin[..., :half], sin[..., half:]], axis=-1)
+
+
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(cos, signed sin)`` tables ``[B, T, 1, head_dim]`` of ``positions [B, T]`` for :func:`apply_rope`.
+
+    Made once per forward and shared by every layer's queries and keys. XLA on CPU evaluates sine and cosine
+    element by element, about 20x slower than ``exp``, and left to itself computes them inside every fusion that
+    rotates (once per head, and again in the backward pass). A conditional is a boundary no fusion crosses, so
+    the tables are made in one. Both branches are the same, so the predicate cannot change the result; it is read
+    from ``inv_freq``, which every device holds and XLA does not fold (it is made from an iota), so that the
+    conditional survives compilation. The sine's first half is negated so that the rotation needs no negation."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if jax.default_backend() != "cpu":  # elsewhere a conditional costs a device-to-host read of its predicate
+        return _rope_tables(emb)
+    return jax.lax.cond(inv_freq[0] > 0, _rope_tables, _rope_tables, emb)
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate ``x [B, T, heads, head_dim]`` by the tables of :func:`rope_tables` (rotate-half convention), in
+    float32."""
+    cos, sin = rope
     x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    return (x32 * cos + rotated * sin).astype(x.dtype)
+    swapped = jnp.concatenate([x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + swapped * sin).astype(x.dtype)
 
 
 @jax.custom_vjp
@@ -143,7 +164,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, "head_dim", rngs=rngs, param_dtype=param_dtype)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, "head_dim", rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, x, positions, inv_freq, allowed, cache: LayerCache | None, cache_index):
+    def __call__(self, x, rope, allowed, cache: LayerCache | None, cache_index):
         """``allowed [B, T, S]``: which key slots each query may attend to (S = T without a cache)."""
         cfg, dt = self.cfg, self.dtype
         x = x.astype(dt)
@@ -157,8 +178,8 @@ class Attention(nnx.Module):
             v = v + self.v_bias[...].astype(dt)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q = apply_rope(q, rope)
+        k = apply_rope(k, rope)
         group = cfg.num_heads // cfg.num_kv_heads
         qg = q.reshape(b, t, cfg.num_kv_heads, group, cfg.head_dim)
         if cache is None:
