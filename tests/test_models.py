@@ -1,6 +1,7 @@
 """Model parity with transformers' PyTorch implementation, checkpoint round trips, KV cache, sharding, errors."""
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -275,6 +276,28 @@ def test_swiglu_backward_equals_automatic_differentiation():
             for a, b in zip(ours, ref):
                 assert a.dtype == b.dtype and a.shape == b.shape
                 np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+
+
+def test_rotary_sines_are_computed_once_per_forward_on_cpu():
+    """XLA:CPU evaluates sin/cos element by element; the rotary tables are made once per forward (in a conditional
+    no fusion crosses), so the compiled forward and backward hold as many sines and cosines for 4 layers as for 1
+    (without the conditional, XLA puts them into every layer's rotating fusions)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the tables are made in a conditional on CPU only")
+
+    def sines(layers):
+        cfg = ModelConfig(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=layers,
+                          num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, max_position_embeddings=64)
+        graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+        ids = jnp.ones((2, 16), jnp.int32)
+
+        def loss(state):
+            model = nnx.merge(graphdef, state)
+            return jnp.sum(model.logits(model(ids, jnp.broadcast_to(jnp.arange(16), (2, 16))).hidden))
+
+        return len(re.findall(r"\b(?:sine|cosine)\(", jax.jit(jax.grad(loss)).lower(state).compile().as_text()))
+
+    assert sines(4) == sines(1) > 0
 
 
 def test_projection_backward_equals_automatic_differentiation():

@@ -92,7 +92,7 @@ def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, j
     """``(cos, signed sin)`` tables ``[B, T, 1, head_dim]`` of ``positions [B, T]`` for :func:`apply_rope`.
 
     Made once per forward and shared by every layer's queries and keys. XLA on CPU evaluates sine and cosine
-    element by element, about 20x slower than ``exp``, and left to itself computes them inside every fusion that
+    element by element, 10-20x slower than ``exp``, and left to itself computes them inside every fusion that
     rotates (once per head, and again in the backward pass). A conditional is a boundary no fusion crosses, so
     the tables are made in one. Both branches are the same, so the predicate cannot change the result; it is read
     from ``inv_freq``, which every device holds and XLA does not fold (it is made from an iota), so that the
