@@ -27,6 +27,7 @@ from jaxrl_llm.models import Decoder, ModelConfig, save_hf
 from jaxrl_llm.tasks import ArithTask, score_completion
 from jaxrl_llm.tokenizer import build_char_tokenizer
 from jaxrl_llm.trainer.rl import RLTrainer
+from peers import Peer, trl_worker
 from timing import PAUSE, machine
 
 PROMPTS, N, PROMPT_LEN, NEW = 8, 8, 32, 64
@@ -84,9 +85,9 @@ def timed_step(trainer: RLTrainer, times: list[float], phases: dict | None = Non
                 phases.setdefault(k[5:], []).append(v)
 
 
-def time_trl(model_dir: str, out_dir: str, steps: int, between=None) -> list[float]:
-    """Seconds of each of ``steps`` TRL GRPO steps on the benchmark batch; ``between()``, when given, runs after
-    each step, outside its timing."""
+def time_trl(model_dir: str, out_dir: str, steps: int, after_step=None) -> list[float]:
+    """Seconds of each of ``steps`` TRL GRPO steps on the benchmark batch; ``after_step(seconds)``, when given,
+    runs after each step, outside its timing."""
     import transformers
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
@@ -106,8 +107,8 @@ def time_trl(model_dir: str, out_dir: str, steps: int, between=None) -> list[flo
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t0)
-            if between is not None:
-                between()
+            if after_step is not None:
+                after_step(times[-1])
 
     args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=PROMPTS * N, gradient_accumulation_steps=1,
                       num_generations=N, max_completion_length=NEW, temperature=1.0, learning_rate=1e-5,
@@ -131,14 +132,21 @@ def main() -> None:
         phases: dict[str, list[float]] = {}
         trainer = benchmark_trainer(model_dir, os.path.join(tmp, "jaxrl"), steps)
 
-        def our_step():  # between two TRL steps, with pauses as in timing.median_times
-            time.sleep(PAUSE)
-            timed_step(trainer, ours, phases)
-            time.sleep(PAUSE)
-
+        # TRL in a process of its own (see peers.py); after each of its steps, one of ours, with pauses as in
+        # timing.median_times
+        trl = Peer(trl_worker, model_dir, os.path.join(tmp, "trl"), steps)
         try:
-            theirs = time_trl(model_dir, os.path.join(tmp, "trl"), steps, between=our_step)
+            while True:
+                kind, value = trl.recv()
+                if kind == "done":
+                    theirs = value
+                    break
+                time.sleep(PAUSE)
+                timed_step(trainer, ours, phases)
+                time.sleep(PAUSE)
+                trl.conn.send(("continue",))
         finally:
+            trl.close()
             trainer.close()
     a, b = statistics.median(ours[WARMUP:]), statistics.median(theirs[WARMUP:])
     print(f"batch: {PROMPTS} prompts x {N} samples, <= {PROMPT_LEN} prompt tokens, <= {NEW} new tokens, "
