@@ -4,8 +4,9 @@ Model: a random tiny Qwen3 (hidden 256, 4 layers, 4 heads, 2 KV heads, head_dim 
 project's character tokenizer, saved once in Hugging Face format and loaded by both trainers.
 Batch: 8 prompts x 8 samples, prompts of the arithmetic task (at most 32 tokens), up to 64 completion tokens,
 temperature 1, one optimizer step per batch, the task's exact-answer reward. The two trainers take turns, one step
-each, so that a slow spell of the shared machine hits both alike; TRL runs in a process of its own (`peers.py`). The first steps (compilation, warm-up) are
-excluded; the median of the remaining steps is reported for each, and their ratio.
+each, so that a slow spell of the shared machine hits both alike; TRL runs in a process of its own (`peers.py`).
+The first steps (compilation, warm-up) are excluded; the median of the remaining steps is reported for each, and
+their ratio.
 
     pip install trl   # not a dependency of jaxrl_llm
     python benchmarks/grpo_step.py [--steps 10]

@@ -25,9 +25,11 @@ class Peer:
 
     def recv(self):
         """The next message of the child; its exception, re-raised, when it failed."""
-        if not self.conn.poll(None) and not self.process.is_alive():
-            raise RuntimeError("the peer process died")
-        kind, value = self.conn.recv()
+        try:
+            kind, value = self.conn.recv()
+        except EOFError:
+            code = self.process.exitcode
+            raise RuntimeError(f"the peer process ended without an answer (exit code {code})") from None
         if kind == "error":
             raise RuntimeError(f"peer process failed:\n{value}")
         return value
