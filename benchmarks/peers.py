@@ -63,8 +63,8 @@ def _serve(conn, handlers: dict) -> None:
 
 
 def hf_generate_worker(conn, model_dir: str, ids, mask, new_tokens: int) -> None:
-    """transformers' ``generate`` on the tiny Qwen3 of the sampler benchmark: builds it (seed 0) and saves it to
-    ``model_dir``, answers ``("ready", torch threads)``, then times ``("generate",)`` requests."""
+    """transformers' ``generate`` on the tiny Qwen3 of the sampler benchmark: builds the model (seed 0), saves it to
+    ``model_dir`` and answers with torch's thread count, then runs one ``generate`` per ``("generate",)`` request."""
     try:
         import torch
         import transformers
@@ -100,14 +100,11 @@ def trl_worker(conn, model_dir: str, out_dir: str, steps: int) -> None:
     try:
         from grpo_step import time_trl
 
-        def between():
+        def after_step(seconds: float):
+            conn.send(("ok", ("step", seconds)))
             kind, *_ = conn.recv()
             if kind != "continue":
                 raise RuntimeError(f"unexpected request {kind!r}")
-
-        def after_step(seconds: float):
-            conn.send(("ok", ("step", seconds)))
-            between()
 
         times = time_trl(model_dir, out_dir, steps, after_step=after_step)
         conn.send(("ok", ("done", times)))
