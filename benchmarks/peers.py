@@ -48,6 +48,12 @@ class Peer:
             self.process.terminate()
 
 
+def _report_error(conn) -> None:
+    """Send the exception being handled to the parent, which raises it."""
+    import traceback
+    conn.send(("error", traceback.format_exc()))
+
+
 def _serve(conn, handlers: dict) -> None:
     """Answer ``(name, *args)`` requests with ``handlers[name](*args)`` until ``("stop",)``."""
     while True:
@@ -57,8 +63,7 @@ def _serve(conn, handlers: dict) -> None:
         try:
             conn.send(("ok", handlers[request[0]](*request[1:])))
         except Exception:  # noqa: BLE001 - reported to the parent, which raises it
-            import traceback
-            conn.send(("error", traceback.format_exc()))
+            _report_error(conn)
             return
 
 
@@ -77,8 +82,7 @@ def hf_generate_worker(conn, model_dir: str, ids, mask, new_tokens: int) -> None
         hf.save_pretrained(model_dir)
         input_ids, attention_mask = torch.tensor(ids), torch.tensor(mask)
     except Exception:  # noqa: BLE001
-        import traceback
-        conn.send(("error", traceback.format_exc()))
+        _report_error(conn)
         return
 
     def generate():
@@ -109,5 +113,4 @@ def trl_worker(conn, model_dir: str, out_dir: str, steps: int) -> None:
         times = time_trl(model_dir, out_dir, steps, after_step=after_step)
         conn.send(("ok", ("done", times)))
     except Exception:  # noqa: BLE001
-        import traceback
-        conn.send(("error", traceback.format_exc()))
+        _report_error(conn)

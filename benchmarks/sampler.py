@@ -29,19 +29,20 @@ def per_core_devices(prompts: int) -> int:
     return max(d for d in range(1, min(cores, prompts) + 1) if prompts % d == 0)
 
 
-def _prompts_arg() -> int:
-    for i, a in enumerate(sys.argv):
-        if a.startswith("--prompts="):
-            return int(a.split("=", 1)[1])
-        if a == "--prompts" and i + 1 < len(sys.argv):
-            return int(sys.argv[i + 1])
-    return 32
+def _parse():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    return parser.parse_args()
 
 
+ARGS = _parse() if __name__ == "__main__" else None
 # host devices must be requested before JAX starts
-if __name__ == "__main__" and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+if ARGS is not None and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={per_core_devices(_prompts_arg())}")
+                               f" --xla_force_host_platform_device_count={per_core_devices(ARGS.prompts)}")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -57,13 +58,7 @@ from peers import Peer, hf_generate_worker  # noqa: E402
 from timing import machine, median_times  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    args = parser.parse_args()
+def main(args) -> None:
 
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 1024, (args.prompts, args.prompt_len)).astype(np.int64)
@@ -161,4 +156,4 @@ def run(args, hf, model, per_core_model, ids, mask, total_new: int, torch_thread
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)
