@@ -16,7 +16,8 @@ from jaxrl_llm.sampling import (FINISH_LENGTH, FINISH_STOP, Sampler, SamplingPar
                                 mismatch_metrics, rollout_logprobs, sample_tokens, sequence_logprobs)
 from jaxrl_llm.compile_options import compiler_options
 from jaxrl_llm.sampling.filters import gumbel_noise
-from jaxrl_llm.sampling.sampler import _batch_shards, compaction_sizes
+from jaxrl_llm.sampling.decode import compaction_sizes
+from jaxrl_llm.sampling.sampler import _batch_shards
 from jaxrl_llm.trainer.packing import plan_packing
 
 score_module = importlib.import_module("jaxrl_llm.sampling.score")  # the package exports a function `score`

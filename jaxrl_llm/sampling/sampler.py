@@ -23,7 +23,8 @@ from jaxrl_llm.compile_options import compiler_options
 from jaxrl_llm.distributed import host
 from jaxrl_llm.losses import entropy_from_logits
 from jaxrl_llm.models import Decoder, init_cache, left_pad_positions
-from jaxrl_llm.sampling.filters import SamplingParams, gumbel_noise, sample_tokens
+from jaxrl_llm.sampling.decode import RowLimits, decode_loop, initial_state, token_logprob
+from jaxrl_llm.sampling.filters import SamplingParams
 
 __all__ = ["Rollout", "Sampler", "FINISH_STOP", "FINISH_LENGTH"]
 
@@ -42,12 +43,6 @@ class Rollout:
     finish_reason: jax.Array  # int32 [N]: FINISH_STOP or FINISH_LENGTH
     experts: jax.Array | None = None  # int32 [L_moe, N, P + R, k] routing of every input position (MoE)
     n: int = flax.struct.field(pytree_node=False, default=1)
-
-
-def token_logprob(logits: jax.Array, tokens: jax.Array, temperature: float) -> jax.Array:
-    """``log softmax(logits / temperature)[tokens]`` for ``logits [N, V]`` (shared by sampler and exact scorer)."""
-    z = logits / temperature
-    return jnp.take_along_axis(jax.nn.log_softmax(z, axis=-1), tokens[:, None], axis=-1)[:, 0]
 
 
 def prefill(model: Decoder, prompt_ids, prompt_mask, n: int, max_len: int, cache_dtype):
@@ -69,19 +64,6 @@ def decode_step(model: Decoder, cache, tokens, positions):
     return model.logits(out.hidden)[:, 0], out.cache, experts
 
 
-def compaction_sizes(rows: int, compact_rows: int) -> tuple[int, ...]:
-    """Batch sizes of the decode loop's stages: ``rows``, then halved while the half still holds ``compact_rows``.
-
-    A stage runs until at most the next size's rows are still generating; those rows then move into a batch of
-    that size (finished rows only cost time: each decode step costs about the same per row, finished or not).
-    ``compact_rows=0`` keeps one stage.
-    """
-    sizes = [rows]
-    while compact_rows and sizes[-1] % 2 == 0 and sizes[-1] // 2 >= compact_rows:
-        sizes.append(sizes[-1] // 2)
-    return tuple(sizes)
-
-
 def _batch_shards(prompt_ids: jax.Array) -> int:
     """Into how many equal blocks of rows the prompts' sharding splits the batch (1 when it is not split)."""
     b = prompt_ids.shape[0]
@@ -89,111 +71,47 @@ def _batch_shards(prompt_ids: jax.Array) -> int:
     return b // per_shard if b % per_shard == 0 else 1
 
 
+def _cast(state, compute_dtype):
+    """The weights in the sampler's precision (floating leaves only)."""
+    if compute_dtype is None:
+        return state
+    return jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+
+
 def _generate(graphdef, state, prompt_ids, prompt_mask, key, row_stop, row_max_new, *, params: SamplingParams,
               cache_dtype, compute_dtype, compact_rows: int = 0, shards: int = 1):
-    if compute_dtype is not None:
-        state = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                             state)
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, _cast(state, compute_dtype))
     n, r = params.n, params.max_new_tokens
     p = prompt_ids.shape[1]
     logits, cache, prompt_experts = prefill(model, prompt_ids, prompt_mask, n, p + r, cache_dtype)
     rows = logits.shape[0]
-    prompt_len = jnp.repeat(prompt_mask.sum(axis=1).astype(jnp.int32), n)
-    cfg = model.cfg
     experts = None
     if prompt_experts is not None:
-        k = cfg.num_experts_per_tok
+        cfg, k = model.cfg, model.cfg.num_experts_per_tok
         # the last response token is never fed back; give it a fixed routing (its output is never used)
         experts = jnp.concatenate(
             [prompt_experts, jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (cfg.num_moe_layers, rows, r, k))],
             axis=2)
-
-    # each step's Gumbel noise is drawn one step ahead: it does not depend on the logits, so drawing it overlaps the
-    # decode step instead of delaying the next token (on CPU the noise costs about as much as an attention layer).
-    # It is drawn for every row, also after compaction: a row's tokens do not depend on which rows share its batch
-    key, sub = jax.random.split(key)
-    gumbel = None if params.greedy else gumbel_noise(sub, logits.shape)
-    c = dict(
-        t=jnp.zeros((), jnp.int32), key=key, cache=cache, logits=logits, gumbel=gumbel, ids=None,
-        tokens=jnp.zeros((rows, r), jnp.int32), logprobs=jnp.zeros((rows, r), jnp.float32),
-        done=jnp.zeros((rows,), bool), stopped=jnp.zeros((rows,), bool), lengths=jnp.zeros((rows,), jnp.int32),
-        experts=experts,
-    )
-
-    # compaction is local to each of the batch's ``shards`` (the rows one data-parallel device holds): rows never
-    # move between devices, and the smaller batches stay split like the first. ``ids [shards, per-shard size]``
-    # holds each shard's current rows (None before the first compaction: all rows, in order)
-    def rows_of(x, ids):  # x [rows, ...] -> the current rows [shards * size, ...]
-        if ids is None:
-            return x
-        blocks = x.reshape(shards, -1, *x.shape[1:])
-        return jax.vmap(lambda xb, ib: xb[ib])(blocks, ids).reshape(-1, *x.shape[1:])
-
-    def put_rows(full, x, ids, axis=0):  # write the current rows' values back into ``full`` (rows along ``axis``)
-        if ids is None:
-            return x
-        full, x = jnp.moveaxis(full, axis, 0), jnp.moveaxis(x, axis, 0)
-        blocks = full.reshape(shards, -1, *full.shape[1:])
-        parts = x.reshape(shards, -1, *x.shape[1:])
-        out = jax.vmap(lambda fb, ib, xb: fb.at[ib].set(xb))(blocks, ids, parts).reshape(full.shape)
-        return jnp.moveaxis(out, 0, axis)
-
-    def body(c):
-        # per-row arrays (outputs, flags, stops, noise) keep every row; cache and logits hold the current rows
-        t, ids = c["t"], c["ids"]
-        key, sub = jax.random.split(c["key"])
-        tok = sample_tokens(None, c["logits"], params, gumbel=None if params.greedy else rows_of(c["gumbel"], ids))
-        logp = token_logprob(c["logits"], tok, params.temperature)
-        active = ~rows_of(c["done"], ids)
-        tok = jnp.where(active, tok, 0)
-        is_stop = active & jnp.any(tok[:, None] == rows_of(row_stop, ids), axis=1)
-        lengths = rows_of(c["lengths"], ids) + active
-        done = ~active | is_stop | (lengths >= rows_of(row_max_new, ids))
-        new_logits, cache, routed = decode_step(model, c["cache"], tok, rows_of(prompt_len, ids) + t)
-        stopped = rows_of(c["stopped"], ids) | is_stop
-        out = dict(
-            t=t + 1, key=key, cache=cache, logits=new_logits, ids=ids,
-            gumbel=None if params.greedy else gumbel_noise(sub, (rows, new_logits.shape[-1])),
-            tokens=c["tokens"].at[:, t].set(put_rows(c["tokens"][:, t], tok, ids)),
-            logprobs=c["logprobs"].at[:, t].set(put_rows(c["logprobs"][:, t], jnp.where(active, logp, 0.0), ids)),
-            done=put_rows(c["done"], done, ids), stopped=put_rows(c["stopped"], stopped, ids),
-            lengths=put_rows(c["lengths"], lengths, ids),
-            experts=c["experts"],
-        )
-        if routed is not None:  # experts [layers, rows, P + R, k]
-            out["experts"] = c["experts"].at[:, :, p + t].set(put_rows(c["experts"][:, :, p + t], routed, ids, axis=1))
-        return out
-
-    sizes = compaction_sizes(rows // shards, -(-compact_rows // shards))  # per shard
-    for stage, size in enumerate(sizes):
-        if stage:  # each shard keeps its still-active rows (at most ``size``: the last loop ran until they were)
-            done = rows_of(c["done"], c["ids"]).reshape(shards, -1)
-            keep = jnp.argsort(done.astype(jnp.int32), axis=1, stable=True)[:, :size]
-            ids = keep if c["ids"] is None else jnp.take_along_axis(c["ids"], keep, axis=1)
-            c = dict(c, ids=ids, logits=rows_of(c["logits"], keep),
-                     cache=c["cache"].map_batch(functools.partial(rows_of, ids=keep)))
-        limit = sizes[stage + 1] if stage + 1 < len(sizes) else 0
-
-        def cond(c, limit=limit):  # some shard still has more active rows than the next stage holds
-            return (c["t"] < r) & (jnp.max(jnp.sum(~c["done"].reshape(shards, -1), axis=1)) > limit)
-        c = jax.lax.while_loop(cond, body, c)
-    mask = jnp.arange(r)[None, :] < c["lengths"][:, None]
+    limits = RowLimits(stop=row_stop, max_new=row_max_new,
+                       prompt_len=jnp.repeat(prompt_mask.sum(axis=1).astype(jnp.int32), n))
+    s = initial_state(key, logits, cache, experts, params)
+    s = decode_loop(s, functools.partial(decode_step, model), params, limits, prompt_width=p, shards=shards,
+                    compact_rows=compact_rows)
+    mask = jnp.arange(r)[None, :] < s.lengths[:, None]
     return Rollout(
         prompt_ids=jnp.repeat(prompt_ids, n, axis=0), prompt_mask=jnp.repeat(prompt_mask, n, axis=0),
-        tokens=c["tokens"], logprobs=c["logprobs"], mask=mask, lengths=c["lengths"],
-        finish_reason=jnp.where(c["stopped"], FINISH_STOP, FINISH_LENGTH).astype(jnp.int32),
-        experts=c["experts"], n=n,
+        tokens=s.tokens, logprobs=s.logprobs, mask=mask, lengths=s.lengths,
+        finish_reason=jnp.where(s.stopped, FINISH_STOP, FINISH_LENGTH).astype(jnp.int32),
+        experts=s.experts, n=n,
     )
 
 
 def _score_exact(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, n: int, temperature: float,
                  cache_dtype, compute_dtype):
-    """Teacher-force ``tokens`` through the sampler's own prefill and decode step (bitwise-equal log-probs)."""
-    if compute_dtype is not None:
-        state = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                             state)
-    model = nnx.merge(graphdef, state)
+    """Teacher-force ``tokens`` through the sampler's own prefill and decode step (bitwise-equal log-probs); the
+    rows' prompts come in groups of ``n`` equal ones, as the sampler returned them."""
+    model = nnx.merge(graphdef, _cast(state, compute_dtype))
+    prompt_ids, prompt_mask = prompt_ids[::n], prompt_mask[::n]
     r = tokens.shape[1]
     logits, cache, _ = prefill(model, prompt_ids, prompt_mask, n, prompt_ids.shape[1] + r, cache_dtype)
     prompt_len = jnp.repeat(prompt_mask.sum(axis=1).astype(jnp.int32), n)
@@ -213,6 +131,20 @@ def _score_exact(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, n: i
     unroll = 4 if r % 4 == 0 else 2 if r % 2 == 0 else 1
     _, (logp, ent) = jax.lax.scan(step, (cache, logits), (jnp.arange(r), tokens.T), unroll=unroll)
     return jnp.where(mask, logp.T, 0.0), jnp.where(mask, ent.T, 0.0)
+
+
+def _check_prompts(prompt_ids, prompt_mask) -> None:
+    if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
+        raise ValueError(f"prompt_ids and prompt_mask must both be [batch, prompt_len]; got "
+                         f"{prompt_ids.shape} and {prompt_mask.shape}")
+    b, p = prompt_ids.shape
+    if b == 0 or p == 0:
+        raise ValueError("empty batch of prompts")
+    lengths = host(prompt_mask.sum(axis=1))  # gathered when the rows span processes
+    if (lengths == 0).any():
+        raise ValueError(f"empty prompt at row(s) {[int(i) for i in (lengths == 0).nonzero()[0]]}")
+    if not bool(jax.device_get(prompt_mask[:, -1].all())):
+        raise ValueError("prompts must be left-padded: the last column must hold a real token in every row")
 
 
 class Sampler:
@@ -273,20 +205,12 @@ class Sampler:
 
     def _generate_args(self, state, prompt_ids, prompt_mask, params: SamplingParams, key, stop_tokens,
                        max_new_tokens):
-        """Checks the inputs; the jitted sampler's positional and keyword arguments."""
-        prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
-        prompt_mask = jnp.asarray(prompt_mask, bool)
-        if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
-            raise ValueError(f"prompt_ids and prompt_mask must both be [batch, prompt_len]; got "
-                             f"{prompt_ids.shape} and {prompt_mask.shape}")
+        """Checks the inputs; the jitted sampler's positional and keyword arguments. Prompts given as
+        ``jax.ShapeDtypeStruct`` (to lower the program ahead of time) are checked for their shapes only."""
+        if not isinstance(prompt_ids, jax.ShapeDtypeStruct):
+            prompt_ids, prompt_mask = jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, bool)
+            _check_prompts(prompt_ids, prompt_mask)
         b, p = prompt_ids.shape
-        if b == 0 or p == 0:
-            raise ValueError("empty batch of prompts")
-        lengths = host(prompt_mask.sum(axis=1))  # gathered when the rows span processes
-        if (lengths == 0).any():
-            raise ValueError(f"empty prompt at row(s) {[int(i) for i in (lengths == 0).nonzero()[0]]}")
-        if not bool(jax.device_get(prompt_mask[:, -1].all())):
-            raise ValueError("prompts must be left-padded: the last column must hold a real token in every row")
         if p + params.max_new_tokens > self.cfg.max_position_embeddings:
             raise ValueError(f"prompt length {p} + max_new_tokens {params.max_new_tokens} exceeds the model's "
                              f"max_position_embeddings {self.cfg.max_position_embeddings}")
@@ -323,9 +247,13 @@ class Sampler:
         args, options = self._generate_args(state, prompt_ids, prompt_mask, params, key, stop_tokens, max_new_tokens)
         return self._generate.lower(*args, **options)
 
+    def score_exact_program(self, state, rollout: Rollout, temperature: float):
+        """``(jitted function, args, kwargs)`` of :meth:`score_exact` (arrays may be abstract, for lowering)."""
+        args = (self.graphdef, state, rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask)
+        return self._score_exact, args, dict(n=rollout.n, temperature=float(temperature),
+                                             cache_dtype=self.cache_dtype, compute_dtype=self.compute_dtype)
+
     def score_exact(self, state, rollout: Rollout, temperature: float):
         """Bitwise-consistent per-token (log-prob, entropy) of the rollout's tokens (``exact`` mode)."""
-        n = rollout.n
-        return self._score_exact(self.graphdef, state, rollout.prompt_ids[::n], rollout.prompt_mask[::n],
-                                 rollout.tokens, rollout.mask, n=n, temperature=float(temperature),
-                                 cache_dtype=self.cache_dtype, compute_dtype=self.compute_dtype)
+        fn, args, kwargs = self.score_exact_program(state, rollout, temperature)
+        return fn(*args, **kwargs)
