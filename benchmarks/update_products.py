@@ -60,20 +60,21 @@ def main() -> None:
         build_model(model_dir)
         trainer = benchmark_trainer(model_dir, os.path.join(tmp, "run"), steps=2)
         captured = {}
-        update = trainer._update
+        update = trainer.learner._update
 
         def spy(*a):
             captured["args"] = a
             return update(*a)
 
-        trainer._update = spy
+        trainer.learner._update = spy
         try:
             trainer.train_step()
-            with trainer._rows_split():
+            with trainer.layout.active():
                 _, rest, _, micro, norm, control = captured["args"]
-                compiled = update.lower(trainer.params, rest, trainer.opt_state, micro, norm, control).compile()
+                learner = trainer.learner
+                compiled = update.lower(learner.params, rest, learner.opt_state, micro, norm, control).compile()
                 products = products_of(compiled.as_text())
-                state = {"params": trainer.params, "opt": trainer.opt_state}
+                state = {"params": trainer.learner.params, "opt": trainer.learner.opt_state}
 
                 def run_update():
                     # the update donates its parameter and optimizer buffers: carry the new ones forward

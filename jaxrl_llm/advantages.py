@@ -5,7 +5,9 @@ prompt form a group); token-shaped ones take ``[batch, time]`` with a response `
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ from jaxrl_llm.losses._checks import check_2d
 __all__ = [
     "gae", "grpo", "rloo", "whiten", "reinforce_pp", "reinforce_pp_baseline", "passk", "broadcast_over_tokens",
     "overlong_penalty", "informative_groups", "differential_smoothing", "sequence_logprob",
+    "Estimator", "ESTIMATORS", "register_advantage", "get_advantage",
 ]
 
 
@@ -202,3 +205,61 @@ def differential_smoothing(advantages: jax.Array, seq_logp: jax.Array, correct: 
                          f"{seq_logp.shape}, {correct.shape}")
     seq_logp = jax.lax.stop_gradient(seq_logp.astype(jnp.float32))
     return jnp.where(correct.astype(bool), advantages - gamma_pos * seq_logp, advantages + gamma_neg * seq_logp)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registry: the estimators a run config names (``algorithm.advantage``)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimator:
+    """An advantage estimator as the trainer calls it. ``kind`` says what it reads:
+
+    * ``group``: ``fn(rewards [groups, n], algo) -> [groups, n]`` sequence advantages from the ``n`` samples of a
+      prompt (broadcast over each response's tokens; Differential Smoothing applies to these);
+    * ``token``: ``fn(token_rewards [N, R], mask, algo) -> [N, R]``;
+    * ``critic``: ``fn(token_rewards, values [N, R], mask, algo) -> (advantages, returns)`` with a learned value.
+
+    ``algo`` is the run's algorithm settings (``jaxrl_llm.config.AlgorithmSection``): knobs are read from it by name.
+    """
+
+    fn: Callable
+    kind: str
+
+
+ESTIMATORS: dict[str, Estimator] = {}
+_KINDS = ("group", "token", "critic")
+
+
+def register_advantage(name: str, kind: str):
+    """Decorator registering an estimator under ``name`` (one function, one registration)."""
+    if kind not in _KINDS:
+        raise ValueError(f"estimator kind must be one of {_KINDS}, got {kind!r}")
+
+    def deco(fn):
+        ESTIMATORS[name] = Estimator(fn, kind)
+        return fn
+
+    return deco
+
+
+def get_advantage(name: str) -> Estimator:
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {name!r}; available: {', '.join(sorted(ESTIMATORS))}")
+    return ESTIMATORS[name]
+
+
+register_advantage("grpo", "group")(lambda groups, algo: grpo(groups))
+register_advantage("drgrpo", "group")(lambda groups, algo: grpo(groups, scale_by_std=False))
+register_advantage("rloo", "group")(lambda groups, algo: rloo(groups))
+register_advantage("reinforce_pp_baseline", "group")(lambda groups, algo: reinforce_pp_baseline(groups))
+register_advantage("passk", "group")(lambda groups, algo: passk(groups, k=algo.passk_k))
+register_advantage("reinforce_pp", "token")(
+    lambda token_rewards, mask, algo: reinforce_pp(token_rewards, mask, gamma=algo.gamma))
+
+
+@register_advantage("gae", "critic")
+def _gae_whitened(token_rewards, values, mask, algo):
+    """GAE with the advantages whitened over the batch (PPO); the returns are the critic's targets."""
+    adv, returns = gae(token_rewards, values, mask, gamma=algo.gamma, lam=algo.lam)
+    return whiten(adv, mask), returns

@@ -31,9 +31,10 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 __all__ = [
     "TrainConfig", "ModelSection", "DataSection", "RolloutSection", "AlgorithmSection", "TrainSection",
     "MeshSection", "CheckpointSection", "LogSection", "RewardSpec", "RewardSection", "ConfigError",
-    "load_config", "validate", "to_yaml", "save_config", "summary", "config_keys",
+    "load_config", "validate", "to_yaml", "save_config", "summary", "config_keys", "mesh_sizes",
     "POLICY_LOSSES", "AGG_MODES", "KL_ESTIMATORS", "ADVANTAGES", "GROUP_ADVANTAGES", "CRITICS", "DTYPES",
     "REMAT", "SOURCES", "TASKS", "SCHEDULES", "CONSISTENCY", "COV_PENALTIES", "ROLLOUT_IS", "ROLLOUT_MASK",
+    "MESH_AXES", "LOGICAL_AXES",
 ]
 
 # Allowed names. They mirror the loss/advantage libraries but are kept here so that reading a config needs
@@ -53,6 +54,8 @@ CONSISTENCY = ("default", "exact")
 COV_PENALTIES = ("none", "clip_cov", "kl_cov")
 ROLLOUT_IS = ("none", "token", "sequence")
 ROLLOUT_MASK = ("none", "token", "sequence", "geometric")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+LOGICAL_AXES = ("batch", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "experts")  # of mesh.rules
 _CLIPPED_LOSSES = ("ppo_clip", "gspo", "gspo_token", "cispo")
 
 
@@ -190,12 +193,14 @@ class TrainSection:
 
 @dataclass
 class MeshSection:
-    """Device mesh axis sizes; one of them may be -1 (all remaining devices)."""
+    """Device mesh axis sizes; one of them may be -1 (all remaining devices). ``rules`` overrides entries of the
+    logical-axis rules table (``jaxrl_llm.parallel.DEFAULT_RULES``), e.g. ``{batch: [data], mlp: [fsdp, tensor]}``."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1
+    rules: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -559,10 +564,21 @@ def _check_remedies(cfg: TrainConfig) -> None:
              f"the band must satisfy 0 <= low < 1 < high, got [{a.rollout_mask_low}, {a.rollout_mask_high}]")
 
 
-def _data_parallel_size(sizes: dict[str, int], device_count: int) -> int:
+def mesh_sizes(cfg: TrainConfig) -> dict[str, int]:
+    """The mesh axis sizes of a run config (``mesh.*`` without the rules)."""
+    return {f.name: getattr(cfg.mesh, f.name) for f in dataclasses.fields(MeshSection) if f.name != "rules"}
+
+
+def _row_axes(cfg: TrainConfig) -> list[str]:
+    """The mesh axes that split rows of batches: the ``batch`` rule (default ``data`` and ``fsdp``)."""
+    target = cfg.mesh.rules.get("batch", ["data", "fsdp"])
+    return [target] if isinstance(target, str) else list(target or [])
+
+
+def _data_parallel_size(cfg: TrainConfig, sizes: dict[str, int], device_count: int) -> int:
     fixed = math.prod(v for v in sizes.values() if v != -1)
     filled = {k: (device_count // fixed if v == -1 else v) for k, v in sizes.items()}
-    return filled["data"] * filled["fsdp"]
+    return math.prod(filled[a] for a in _row_axes(cfg))
 
 
 def _check_train(cfg: TrainConfig, device_count: int | None) -> None:
@@ -588,9 +604,14 @@ def _check_train(cfg: TrainConfig, device_count: int | None) -> None:
     _require(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables clipping), got {t.grad_clip}")
     _require(t.logprob_chunk >= 1, "train.logprob_chunk", f"must be >= 1, got {t.logprob_chunk}")
 
-    sizes = dataclasses.asdict(cfg.mesh)
+    sizes = mesh_sizes(cfg)
     for axis, size in sizes.items():
         _require(size == -1 or size >= 1, f"mesh.{axis}", f"must be >= 1 or -1 (fill), got {size}")
+    for name, target in cfg.mesh.rules.items():
+        _choice(name, "mesh.rules", LOGICAL_AXES)
+        targets = [target] if isinstance(target, str) else list(target or [])
+        for axis in targets:
+            _choice(axis, f"mesh.rules.{name}", MESH_AXES)
     filled = [axis for axis, size in sizes.items() if size == -1]
     _require(len(filled) <= 1, f"mesh.{filled[-1] if filled else ''}",
              f"at most one mesh axis may be -1, got {', '.join(filled)}")
@@ -598,9 +619,10 @@ def _check_train(cfg: TrainConfig, device_count: int | None) -> None:
         fixed = math.prod(v for v in sizes.values() if v != -1)
         ok = device_count % fixed == 0 if filled else fixed == device_count
         _require(ok, "mesh", f"{sizes} does not match the {device_count} available devices")
-        dp = _data_parallel_size(sizes, device_count)
+        dp = _data_parallel_size(cfg, sizes, device_count)
         _require(t.micro_batch_size % dp == 0, "train.micro_batch_size",
-                 f"{t.micro_batch_size} is not divisible by the data-parallel size {dp} (mesh.data x mesh.fsdp)")
+                 f"{t.micro_batch_size} is not divisible by the data-parallel size {dp} (the mesh axes "
+                 f"{' x '.join(_row_axes(cfg)) or 'none'} that split rows)")
 
 
 def _check_rest(cfg: TrainConfig) -> None:

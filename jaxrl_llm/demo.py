@@ -14,10 +14,11 @@ import numpy as np
 from flax import nnx
 
 from jaxrl_llm import advantages as A
+from jaxrl_llm.config import AlgorithmSection
 from jaxrl_llm.models import Decoder, ModelConfig
 from jaxrl_llm.sampling import Sampler, SamplingParams, mismatch_metrics, rollout_logprobs, sequence_logprobs
 from jaxrl_llm.trainer.optim import make_optimizer
-from jaxrl_llm.trainer.step import Experience, LossConfig, make_update_step, minibatch_normalizer, split_micro
+from jaxrl_llm.trainer.step import Experience, make_update_step, minibatch_normalizer, split_micro
 
 TARGET = 7
 
@@ -28,7 +29,7 @@ def run_demo(seed: int = 0, steps: int = 30, prompts: int = 8, n: int = 8, new_t
     model = Decoder(cfg, rngs=nnx.Rngs(seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     sampler = Sampler(model, consistency="exact")
-    loss_cfg = LossConfig(policy_loss="ppo_clip", agg="token-mean", clip_low=0.2, clip_high=0.28)
+    algo = AlgorithmSection(policy_loss="ppo_clip", loss_agg="token-mean", clip_low=0.2, clip_high=0.28)
     optimizer = make_optimizer(3e-3, steps=steps, warmup_steps=2)
     opt_state = optimizer.init(params)
     sample = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, n=n)
@@ -36,7 +37,7 @@ def run_demo(seed: int = 0, steps: int = 30, prompts: int = 8, n: int = 8, new_t
     def logprob_fn(m, exp: Experience):
         return sequence_logprobs(m, exp.prompt_ids, exp.prompt_mask, exp.tokens, exp.mask, temperature=1.0)
 
-    update = jax.jit(make_update_step(graphdef, optimizer, loss_cfg, logprob_fn), donate_argnums=(0, 2))
+    update = jax.jit(make_update_step(graphdef, optimizer, algo, logprob_fn), donate_argnums=(0, 2))
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
     print(f"GRPO demo: tiny Qwen3-style policy ({cfg.num_params():,} parameters) learns to emit token {TARGET}")
@@ -57,7 +58,7 @@ def run_demo(seed: int = 0, steps: int = 30, prompts: int = 8, n: int = 8, new_t
         exp = Experience(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, tokens=ro.tokens, mask=ro.mask,
                          advantages=adv, old_logp=old_logp)
         params, opt_state, metrics = update(params, rest, opt_state, split_micro(exp, 2),
-                                            minibatch_normalizer(exp.mask, loss_cfg))
+                                            minibatch_normalizer(exp.mask, algo))
         reward = float(rewards.mean())
         first = reward if first is None else first
         last = reward

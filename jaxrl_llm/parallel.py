@@ -7,6 +7,9 @@ when two dimensions of one parameter map to the same mesh axis, the later one is
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
@@ -30,8 +33,26 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "experts": "expert",
 }
 
-__all__ = ["MESH_AXES", "DEFAULT_RULES", "make_mesh", "logical_to_pspec", "state_shardings", "model_shardings",
-           "shard_model", "batch_sharding"]
+__all__ = ["MESH_AXES", "DEFAULT_RULES", "Layout", "make_mesh", "logical_to_pspec", "state_shardings",
+           "model_shardings", "shard_model", "batch_sharding", "constrain_rows", "merge_rules"]
+
+# the rules of the layout being traced (Layout.active), read by constrain_rows inside model code
+_ACTIVE_RULES: contextvars.ContextVar[Mapping[str, object]] = contextvars.ContextVar("rules", default=DEFAULT_RULES)
+
+
+def merge_rules(overrides: Mapping[str, object] | None) -> dict[str, object]:
+    """:data:`DEFAULT_RULES` with ``overrides`` (``mesh.rules`` of a run config) on top; a list value becomes a
+    tuple of mesh axes. Unknown logical names and mesh axes are errors naming them."""
+    rules = dict(DEFAULT_RULES)
+    for name, target in (overrides or {}).items():
+        if name not in DEFAULT_RULES:
+            raise ValueError(f"mesh.rules: unknown logical axis {name!r}; known: {sorted(DEFAULT_RULES)}")
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        bad = [t for t in targets if t not in MESH_AXES]
+        if bad:
+            raise ValueError(f"mesh.rules.{name}: unknown mesh axes {bad}; allowed: {MESH_AXES}")
+        rules[name] = target if isinstance(target, str) or target is None else tuple(target)
+    return rules
 
 
 def make_mesh(axes: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -126,9 +147,16 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Mapping[str, object] | None
     return NamedSharding(mesh, logical_to_pspec(("batch",) + (None,) * (ndim - 1), rules, mesh))
 
 
+def _row_axes(mesh, rules: Mapping[str, object]) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that split a row (``batch``) axis under ``rules``."""
+    target = rules.get("batch")
+    targets = (target,) if isinstance(target, str) else tuple(target or ())
+    return tuple(a for a in targets if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
 def constrain_rows(x: jax.Array) -> jax.Array:
-    """Keep the leading (row) axis of an activation split over the data-parallel axes (``data``, ``fsdp``) of the
-    mesh set with ``jax.set_mesh`` (a no-op without one, or when the rows do not divide).
+    """Keep the leading (row) axis of an activation split over the mesh axes of the ``batch`` rule, on the mesh set
+    with ``jax.set_mesh`` (:meth:`Layout.active`; a no-op without one, or when the rows do not divide).
 
     Without it XLA may resolve the clash between rows split over ``fsdp`` and weights split over ``fsdp`` (their
     ``embed`` dimension) by gathering the activations instead of the weights: every device then computes the whole
@@ -136,7 +164,64 @@ def constrain_rows(x: jax.Array) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+    axes = _row_axes(mesh, _ACTIVE_RULES.get())
     if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
         return x
     return jax.lax.with_sharding_constraint(x, P(axes))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a run's arrays live: a mesh and the logical-axis rules that place every array on it (parameters by
+    their axis names, rows of batches by the ``batch`` rule)."""
+
+    mesh: Mesh
+    rules: Mapping[str, object] = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
+
+    @property
+    def row_axes(self) -> tuple[str, ...]:
+        return _row_axes(self.mesh, self.rules)
+
+    @property
+    def row_ways(self) -> int:
+        """Into how many blocks a row axis is split."""
+        return math.prod(self.mesh.shape[a] for a in self.row_axes)
+
+    def rows(self, rows: int | None = None, *, axis: int = 0) -> NamedSharding:
+        """Sharding of an array whose axis ``axis`` holds rows: split over :attr:`row_axes`, or replicated when
+        ``rows`` (if given) does not divide."""
+        if not self.row_axes or (rows is not None and rows % self.row_ways):
+            return NamedSharding(self.mesh, P())
+        return NamedSharding(self.mesh, P(*([None] * axis), self.row_axes))
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    def place_rows(self, tree, row_axis=lambda x: 0):
+        """Every leaf with its row axis (``row_axis(leaf)``) split over the row axes; leaves whose rows do not
+        divide are left where they are."""
+
+        def place(x):
+            if getattr(x, "ndim", 0) == 0:
+                return x
+            axis = row_axis(x)
+            if not self.row_axes or x.shape[axis] % self.row_ways:
+                return x
+            return jax.device_put(x, self.rows(axis=axis))
+
+        return jax.tree.map(place, tree)
+
+    def params(self, state):
+        """The shardings of an nnx state's variables by their logical axis names."""
+        return state_shardings(state, self.mesh, self.rules)
+
+    @contextlib.contextmanager
+    def active(self):
+        """The mesh and rules as context while programs are traced: activations are then kept split by rows and
+        each layer's weights gathered (:func:`constrain_rows`)."""
+        token = _ACTIVE_RULES.set(self.rules)
+        try:
+            with jax.set_mesh(self.mesh):
+                yield self
+        finally:
+            _ACTIVE_RULES.reset(token)

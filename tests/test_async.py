@@ -17,7 +17,7 @@ def _train(cfg, devices=None):
     trainer = RLTrainer(cfg, devices=devices)
     try:
         trainer.train()
-        params = [np.asarray(x) for x in jax.tree.leaves(trainer.params)]
+        params = [np.asarray(x) for x in jax.tree.leaves(trainer.learner.params)]
     finally:
         trainer.close()
     return read_jsonl(os.path.join(cfg.log.run_dir, "metrics.jsonl")), params

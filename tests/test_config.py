@@ -79,3 +79,40 @@ def test_cli_keeps_compiled_programs_on_disk(tmp_path, monkeypatch):
             "jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((8, 8))).block_until_ready()")
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
     assert any((tmp_path / "xla").iterdir())
+
+
+def test_config_names_are_the_libraries_names():
+    # the config lists its choices so that reading a config needs no JAX; they must be the libraries' own
+    from jaxrl_llm import advantages as A
+    from jaxrl_llm import config as C
+    from jaxrl_llm import losses as L
+    from jaxrl_llm.losses import correction
+    from jaxrl_llm.models import REMAT_POLICIES
+    from jaxrl_llm.parallel import DEFAULT_RULES, MESH_AXES
+    from jaxrl_llm.rewards import REWARDS
+    from jaxrl_llm.sampling import Sampler
+    from jaxrl_llm.trainer.optim import SCHEDULES
+    from jaxrl_llm.trainer.rl import DTYPES
+
+    assert set(C.POLICY_LOSSES) == set(L.POLICY_LOSSES)
+    assert set(C.AGG_MODES) == set(L.AGG_MODES) and set(C.KL_ESTIMATORS) == set(L.KL_ESTIMATORS)
+    assert set(C.ADVANTAGES) == set(A.ESTIMATORS)
+    assert set(C.GROUP_ADVANTAGES) == {k for k, e in A.ESTIMATORS.items() if e.kind == "group"}
+    assert set(C.ROLLOUT_IS) == set(correction.IS_LEVELS) and set(C.ROLLOUT_MASK) == set(correction.MASK_LEVELS)
+    assert set(C.REMAT) == set(REMAT_POLICIES) and set(C.SCHEDULES) == set(SCHEDULES)
+    assert set(C.CONSISTENCY) == set(Sampler.CONSISTENCY_MODES) and set(C.DTYPES) == set(DTYPES)
+    assert set(C.LOGICAL_AXES) == set(DEFAULT_RULES) and C.MESH_AXES == MESH_AXES
+    assert "task" in REWARDS
+
+
+def test_mesh_rules_override_the_default_table(tiny_model_dir, tmp_path):
+    from jaxrl_llm.parallel import merge_rules
+
+    base = [f"model.path={tiny_model_dir}", f"log.run_dir={tmp_path}"]
+    cfg = load_config(None, base + ["mesh.rules={batch: [data], mlp: [fsdp, tensor]}"])
+    rules = merge_rules(cfg.mesh.rules)
+    assert rules["batch"] == ("data",) and rules["mlp"] == ("fsdp", "tensor") and rules["embed"] == "fsdp"
+    with pytest.raises(ConfigError, match="mesh.rules: got 'batches'"):
+        load_config(None, base + ["mesh.rules={batches: [data]}"])
+    with pytest.raises(ConfigError, match="mesh.rules.batch: got 'dp'"):
+        load_config(None, base + ["mesh.rules={batch: [dp]}"])

@@ -14,7 +14,8 @@ def _arr(x, dtype=jnp.float32):
     return jnp.asarray(np.asarray(x), dtype)
 
 
-# ---- check values (papers.md section 13) ---------------------------------------------------------------
+# ---- check values derived by hand from the formulas: PPO clip (arXiv 1707.06347) with DAPO's clip-higher ----
+# ---- (arXiv 2503.14476), k3 KL, group advantages (GRPO arXiv 2402.03300, Dr. GRPO arXiv 2503.20783) -------
 
 @pytest.mark.parametrize(
     "adv, ratio, expected_objective, clipped",

@@ -50,12 +50,15 @@ def _device0_bytes(tree) -> int:
     return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards if s.device == d0)
 
 
-def _spy(fn, record: list, static: int = 0):
+def _spy(fn, record: list, static: int = 0, calls: list | None = None):
     """Wrap a jitted function (``static`` leading static arguments, static keywords): record XLA's memory
-    analysis of each call and run the very executable it describes."""
+    analysis of each call (and in ``calls`` the lowered program) and run the very executable it describes."""
     def wrapper(*args, **kwargs):
-        compiled = fn.lower(*args, **kwargs).compile()
+        lowered = fn.lower(*args, **kwargs)
+        compiled = lowered.compile()
         record.append(planner.ProgramMemory.of(compiled))
+        if calls is not None:
+            calls.append(lowered)
         return compiled(*args[static:])
     return wrapper
 
@@ -72,19 +75,31 @@ def measured(model_dir, tmp_path_factory):
     planning = ThreadPoolExecutor(1).submit(planner.plan, GRPO, overrides, mesh=MESH, accelerator="tpu-v5e",
                                             backend="cpu")
     trainer = RLTrainer(cfg)
-    update, generate, scoring = [], [], []
-    trainer._update = _spy(trainer._update, update)
-    trainer.sampler._generate = _spy(trainer.sampler._generate, generate, static=1)
+    update, generate, scoring, lowered = [], [], [], {"update": [], "generate": [], "score": []}
+    trainer.learner._update = _spy(trainer.learner._update, update, calls=lowered["update"])
+    trainer.sampler._generate = _spy(trainer.sampler._generate, generate, static=1, calls=lowered["generate"])
     original_score = score_module._jitted_score
-    spied = _spy(original_score(), scoring, static=1)
+    spied = _spy(original_score(), scoring, static=1, calls=lowered["score"])
     score_module._jitted_score = lambda: spied
     try:
-        resident = {"params": _device0_bytes(trainer.params), "opt_state": _device0_bytes(trainer.opt_state)}
+        resident = {"params": _device0_bytes(trainer.learner.params),
+                    "opt_state": _device0_bytes(trainer.learner.opt_state)}
         trainer.train_step()
     finally:
         score_module._jitted_score = original_score
         trainer.close()
-    return dict(resident, update=update[0], generate=generate[0], score=scoring[0], report=planning.result())
+    planned = {}  # the planner's programs for the same config, compiled here on the same devices
+    planner.compile_plan(cfg, planner.resolve_model(model_dir), mesh, lowered=planned)
+    return dict(resident, update=update[0], generate=generate[0], score=scoring[0], report=planning.result(),
+                trainer_programs={k: v[0] for k, v in lowered.items()}, planned_programs=planned)
+
+
+def test_the_planner_compiles_the_trainers_own_programs(measured):
+    # the same functions with the same arguments (shapes, dtypes, placements, static settings): the same StableHLO.
+    # In this config the trainer's step has the planned shapes (16-token responses, no packing)
+    for name in ("update", "generate", "score"):
+        trainer, planned = measured["trainer_programs"][name], measured["planned_programs"][name]
+        assert trainer.as_text() == planned.as_text(), name
 
 
 def test_params_and_optimizer_match_the_trainers_arrays(measured):
@@ -103,7 +118,8 @@ def test_scoring_keeps_rows_split_and_gathers_the_weights(tmp_path):
     logits; without the row constraint XLA gathers the activations (every device computes every row)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from jaxrl_llm.parallel import make_mesh
+    from jaxrl_llm.parallel import Layout, make_mesh
+    from jaxrl_llm.plan.programs import _abstract_policy
     from jaxrl_llm.sampling import sequence_logprobs
 
     config = tmp_path / "config.json"
@@ -112,7 +128,7 @@ def test_scoring_keeps_rows_split_and_gathers_the_weights(tmp_path):
                                       head_dim=16, max_position_embeddings=256)))
     cfg = load_config(GRPO, [f"model.path={config}", "mesh.data=1", "mesh.fsdp=8"])
     mesh = make_mesh(dict(data=1, fsdp=8))
-    _, graphdef, params, rest = planner._abstract_policy(cfg, planner.resolve_model(str(config)), mesh)
+    _, graphdef, params, rest = _abstract_policy(cfg, planner.resolve_model(str(config)), Layout(mesh))
     rows, t, chunk = 64, 64, 64
     arr = lambda dtype: jax.ShapeDtypeStruct((rows, t), dtype, sharding=NamedSharding(mesh, P("fsdp")))  # noqa: E731
 

@@ -153,7 +153,7 @@ def test_adaptive_entropy_coefficient():
 # ---- Differential Smoothing -------------------------------------------------------------------------------
 
 def test_differential_smoothing_check_value():
-    # papers.md section 13: A = +-0.5, log pi_old(y) = -20, gamma = 0.01 -> +-0.7
+    # Differential Smoothing (arXiv 2511.19942, Eq. 6) by hand: A = +-0.5, log pi_old(y) = -20, gamma = 0.01 -> +-0.7
     adv = _a([0.5, -0.5])
     out = A.differential_smoothing(adv, _a([-20.0, -20.0]), jnp.array([True, False]), gamma_pos=0.01,
                                    gamma_neg=0.01)

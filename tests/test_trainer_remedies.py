@@ -69,12 +69,12 @@ def test_bupo_warmup_trains_only_the_lower_layers(tiny_model_dir, tmp_path):
     cfg = _cfg(tiny_model_dir, tmp_path, None, "train.steps=1", "checkpoint.export_hf=false",
                "algorithm.bupo_layer=0", "algorithm.bupo_steps=1", VARIED)
     trainer = RLTrainer(cfg)
-    before = jax.tree.map(np.asarray, trainer.params)
+    before = jax.tree.map(np.asarray, trainer.learner.params)
     try:
         trainer.train()
     finally:
         trainer.close()
-    after = jax.tree.map(np.asarray, trainer.params)
+    after = jax.tree.map(np.asarray, trainer.learner.params)
     changed = lambda a, b: not np.array_equal(a, b)  # noqa: E731
     assert all(not changed(a, b) for a, b in zip(jax.tree.leaves(before["layers"][1]),
                                                  jax.tree.leaves(after["layers"][1])))

@@ -25,7 +25,7 @@ def _cfg(model_dir, run_dir, preset=None, *extra):
 
 
 def _params(trainer):
-    return [np.asarray(x) for x in jax.tree.leaves(trainer.params)]
+    return [np.asarray(x) for x in jax.tree.leaves(trainer.learner.params)]
 
 
 @pytest.mark.parametrize("preset", ["grpo", "dapo", "gspo", "drgrpo", "justrl", "ppo"])
@@ -100,7 +100,7 @@ def test_exact_resume_and_export(preset, tiny_model_dir, tmp_path):
     for x, y in zip(_params(straight), _params(resumed)):
         np.testing.assert_array_equal(x, y)
     if preset == "ppo":
-        for x, y in zip(jax.tree.leaves(straight.critic["params"]), jax.tree.leaves(resumed.critic["params"])):
+        for x, y in zip(jax.tree.leaves(straight.learner.critic.params), jax.tree.leaves(resumed.learner.critic.params)):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
     def clean(rows):
@@ -114,7 +114,7 @@ def test_exact_resume_and_export(preset, tiny_model_dir, tmp_path):
     import transformers
     hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp_path, "a", "hf"))
     emb = hf.model.embed_tokens.weight.detach().numpy()
-    np.testing.assert_allclose(emb, np.asarray(straight.params["embed"][...]), atol=0)
+    np.testing.assert_allclose(emb, np.asarray(straight.learner.params["embed"][...]), atol=0)
 
 
 def test_sharded_matches_single_device(tiny_model_dir, tmp_path):
@@ -126,12 +126,25 @@ def test_sharded_matches_single_device(tiny_model_dir, tmp_path):
                 "mesh.tensor=2", "checkpoint.export_hf=false")
     sharded = RLTrainer(cfg8)
     m8 = sharded.train()
-    assert len(sharded.params["layers"][0]["attn"]["q"][...].sharding.device_set) == 8
+    assert len(sharded.learner.params["layers"][0]["attn"]["q"][...].sharding.device_set) == 8
     for x, y in zip(_params(single), _params(sharded)):
         np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(m1["loss"], m8["loss"], atol=1e-5)
     single.close()
     sharded.close()
+
+
+def test_mesh_rules_place_the_trainers_arrays(tiny_model_dir, tmp_path):
+    from jax.sharding import PartitionSpec as P
+
+    # rows over `data` only, `embed` dimensions replicated: the rules table from the config places every array
+    cfg = _cfg(tiny_model_dir, tmp_path, None, "train.steps=1", "checkpoint.export_hf=false", "mesh.data=2",
+               "mesh.fsdp=4", "mesh.rules={batch: [data], embed: null}")
+    with RLTrainer(cfg) as trainer:
+        assert trainer.layout.rows().spec == P(("data",))
+        assert trainer.learner.params["layers"][0]["mlp"]["gate"][...].sharding.spec == P(None, None)
+        metrics = trainer.train()
+    assert np.isfinite(metrics["loss"]) and metrics["skipped_nonfinite"] == 0.0
 
 
 def test_shared_prompts_and_packing_train_like_one_forward_per_row(tiny_model_dir, tmp_path):
@@ -144,8 +157,8 @@ def test_shared_prompts_and_packing_train_like_one_forward_per_row(tiny_model_di
                    "algorithm.ppo_epochs=2", f"train.share_prompts={share}", f"train.pack_responses={pack}")
         trainer = RLTrainer(cfg)
         try:
-            assert trainer.update_group == (4 if share == "true" else 1)
-            assert trainer.pack_responses == (name == "packed")
+            assert trainer.learner.sharing.update_group == (4 if share == "true" else 1)
+            assert trainer.learner.sharing.pack == (name == "packed")
             trainer.train()
         finally:
             trainer.close()
@@ -160,7 +173,8 @@ def test_shared_prompts_and_packing_train_like_one_forward_per_row(tiny_model_di
         trainer = RLTrainer(_cfg(tiny_model_dir, tmp_path / "other", None, extra, "mesh.data=1",
                                  "checkpoint.export_hf=false"), devices=jax.devices()[:1])
         try:  # micro-batches smaller than a group, or minibatches of random rows: scoring still shares prompts
-            assert trainer.update_group == 1 and not trainer.pack_responses and trainer.prompt_group == 4, extra
+            sharing = trainer.learner.sharing
+            assert sharing.update_group == 1 and not sharing.pack and sharing.score_group == 4, extra
         finally:
             trainer.close()
 
@@ -189,7 +203,7 @@ def test_bad_input(tiny_model_dir, tmp_path):
 def test_trimming_responses_keeps_every_sampled_token_and_its_score(tiny_model_dir):
     from jaxrl_llm.models import load_hf
     from jaxrl_llm.sampling import Sampler, SamplingParams, score
-    from jaxrl_llm.trainer.rl import trim_responses
+    from jaxrl_llm.trainer.rollout import trim_responses
 
     model, _ = load_hf(tiny_model_dir)
     tok = build_char_tokenizer()
@@ -218,7 +232,7 @@ def test_old_logp_from_the_update_matches_a_scoring_pass(tiny_model_dir, tmp_pat
                    f"algorithm.old_logp={mode}")
         trainer = RLTrainer(cfg)
         try:
-            assert trainer.old_logp_from_update == (mode == "auto")
+            assert trainer.scorer.from_update == (mode == "auto")
             trainer.train()
         finally:
             trainer.close()
@@ -235,6 +249,6 @@ def test_old_logp_scoring_pass_is_kept_when_needed(tiny_model_dir, tmp_path):
                   "rollout.consistency=exact"):
         trainer = RLTrainer(_cfg(tiny_model_dir, tmp_path, "grpo", "checkpoint.export_hf=false", extra))
         try:
-            assert not trainer.old_logp_from_update, extra
+            assert not trainer.scorer.from_update, extra
         finally:
             trainer.close()

@@ -8,7 +8,8 @@ from flax import nnx
 from jaxrl_llm.demo import run_demo
 from jaxrl_llm.models import Decoder, ModelConfig
 from jaxrl_llm.sampling import sequence_logprobs
-from jaxrl_llm.trainer.step import Experience, LossConfig, make_update_step, minibatch_normalizer, split_micro
+from jaxrl_llm.config import AlgorithmSection
+from jaxrl_llm.trainer.step import Experience, make_update_step, minibatch_normalizer, split_micro
 
 
 _MODEL = ModelConfig(model_type="qwen3", vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -27,7 +28,7 @@ def _setup(agg):
         advantages=jnp.asarray(np.repeat(rng.normal(size=(n, 1)), r, 1), jnp.float32),
         old_logp=jnp.asarray(-3.7 + 0.1 * rng.normal(size=(n, r)), jnp.float32),
         ref_logp=jnp.asarray(-3.7 + 0.1 * rng.normal(size=(n, r)), jnp.float32))
-    loss_cfg = LossConfig(agg=agg, kl_coef=0.1, entropy_coef=0.01)
+    loss_cfg = AlgorithmSection(loss_agg=agg, clip_high=0.28, kl_coef=0.1, entropy_coef=0.01)
     opt = optax.sgd(0.1)
 
     def logprob_fn(m, e):

@@ -2,8 +2,9 @@
 from jaxrl_llm.sampling.consistency import mismatch_metrics
 from jaxrl_llm.sampling.filters import SamplingParams, filter_logits, sample_tokens
 from jaxrl_llm.sampling.sampler import FINISH_LENGTH, FINISH_STOP, Rollout, Sampler
-from jaxrl_llm.sampling.score import layer_entropies, rollout_logprobs, routing_agreement, score, sequence_logprobs
+from jaxrl_llm.sampling.score import (layer_entropies, rollout_logprobs, rollout_logprobs_program, routing_agreement,
+                                     score, sequence_logprobs)
 
 __all__ = ["FINISH_LENGTH", "FINISH_STOP", "Rollout", "Sampler", "SamplingParams", "filter_logits",
-           "layer_entropies", "mismatch_metrics", "rollout_logprobs", "routing_agreement", "sample_tokens", "score",
+           "layer_entropies", "mismatch_metrics", "rollout_logprobs", "rollout_logprobs_program", "routing_agreement", "sample_tokens", "score",
            "sequence_logprobs"]

@@ -17,7 +17,8 @@ from jaxrl_llm.compile_options import compiler_options
 from jaxrl_llm.losses import token_logprobs_and_entropy
 from jaxrl_llm.models import init_cache, left_pad_positions
 
-__all__ = ["response_hidden", "sequence_logprobs", "score", "rollout_logprobs", "layer_entropies",
+__all__ = ["response_hidden", "sequence_logprobs", "score", "rollout_logprobs", "rollout_logprobs_program",
+           "layer_entropies",
            "routing_agreement"]
 
 
@@ -172,6 +173,16 @@ def routing_agreement(graphdef, state, prompt_ids, prompt_mask, tokens, mask, ex
     return jnp.sum(hit & valid) / jnp.maximum(valid.sum(), 1)
 
 
+def rollout_logprobs_program(sampler, graphdef, state, rollout, *, temperature: float, chunk: int = 512,
+                             forced_experts=None, group: int = 1):
+    """``(jitted function, args, kwargs)`` that :func:`rollout_logprobs` runs (arrays may be abstract, to lower the
+    program ahead of time)."""
+    if sampler.consistency == "exact":
+        return sampler.score_exact_program(state, rollout, temperature)
+    args = (graphdef, state, rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask, forced_experts)
+    return _jitted_score(), args, dict(temperature=float(temperature), chunk=chunk, layer=None, group=group)
+
+
 def rollout_logprobs(sampler, graphdef, state, rollout, *, temperature: float, chunk: int = 512,
                      forced_experts=None, group: int = 1):
     """Trainer log-probs (and entropies) of a rollout's tokens under the model ``(graphdef, state)``.
@@ -180,7 +191,6 @@ def rollout_logprobs(sampler, graphdef, state, rollout, *, temperature: float, c
     the rollout's log-probs bit for bit; otherwise one full forward (:func:`score`; ``group = rollout.n`` runs
     each prompt once).
     """
-    if sampler.consistency == "exact":
-        return sampler.score_exact(state, rollout, temperature)
-    return score(graphdef, state, rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask,
-                 temperature=temperature, chunk=chunk, forced_experts=forced_experts, group=group)
+    fn, args, kwargs = rollout_logprobs_program(sampler, graphdef, state, rollout, temperature=temperature,
+                                                chunk=chunk, forced_experts=forced_experts, group=group)
+    return fn(*args, **kwargs)

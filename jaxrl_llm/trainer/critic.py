@@ -16,7 +16,7 @@ import optax
 
 from jaxrl_llm import losses as L
 from jaxrl_llm.sampling.score import response_hidden
-from jaxrl_llm.trainer.step import accumulate, apply_if_finite
+from jaxrl_llm.trainer.step import Metric, accumulate, apply_if_finite
 
 __all__ = ["init_value_head", "token_values", "make_critic_step", "token_level_rewards"]
 
@@ -59,8 +59,8 @@ def make_critic_step(graphdef, optimizer: optax.GradientTransformation, *, value
                               batch["mask"])
         loss, metrics = L.value_loss(values, batch["old_values"], batch["returns"], batch["mask"], clip=value_clip,
                                      agg="token-mean", normalizer=normalizer)
-        share = batch["mask"].sum() / normalizer
-        return loss, {"value_loss": loss, **{k: v * share for k, v in metrics.items()}}
+        share = batch["mask"].sum() / normalizer  # a per-micro mean's weight in the minibatch's mean
+        return loss, {"value_loss": Metric(loss, "sum"), **{k: Metric(v * share) for k, v in metrics.items()}}
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -77,3 +77,50 @@ def make_critic_step(graphdef, optimizer: optax.GradientTransformation, *, value
         return new_params, new_opt_state, {**metrics, "value_grad_norm": grad_norm}
 
     return update
+
+
+class Critic:
+    """PPO's separate value model: a trunk initialised from the policy checkpoint (``trunk``, a fresh copy of the
+    policy model), a zero value head, its own optimizer, and its jitted programs on ``layout``."""
+
+    def __init__(self, trunk, optimizer: optax.GradientTransformation, layout, *, value_clip: float | None):
+        from flax import nnx
+
+        from jaxrl_llm.trainer.optim import init_opt_state
+
+        self.graphdef, trunk_params, self.rest = nnx.split(trunk, nnx.Param, ...)
+        self.layout = layout
+        head = jax.device_put(init_value_head(trunk.cfg.hidden_size), layout.replicated())
+        self.params = {"trunk": trunk_params, "head": head}
+        self.opt_state = init_opt_state(optimizer, self.params, layout.replicated())
+        shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+        param_sh, opt_sh = shardings(self.params), shardings(self.opt_state)
+        self._update = jax.jit(make_critic_step(self.graphdef, optimizer, value_clip=value_clip),
+                               in_shardings=(param_sh, shardings(self.rest), opt_sh, None),
+                               out_shardings=(param_sh, opt_sh, None), donate_argnums=(0, 2))
+        graphdef = self.graphdef
+
+        @jax.jit
+        def values(params, rest, prompt_ids, prompt_mask, tokens, mask):
+            model = flax.nnx.merge(graphdef, params["trunk"], rest)
+            return token_values(model, params["head"], prompt_ids, prompt_mask, tokens, mask)
+
+        self._values = values
+
+    def values(self, ro) -> jax.Array:
+        """``V [N, R]`` of a rollout's response tokens (0 where the mask is off)."""
+        return self._values(self.params, self.rest, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask)
+
+    def update(self, batch: dict, num_micro: int) -> dict:
+        """One optimizer update on ``batch`` (``prompt_ids, prompt_mask, tokens, mask, old_values, returns``, rows
+        first) split into ``num_micro`` micro-batches."""
+        micro = jax.device_put({k: v.reshape((num_micro, -1) + v.shape[1:]) for k, v in batch.items()},
+                               self.layout.rows(axis=1))
+        self.params, self.opt_state, metrics = self._update(self.params, self.rest, self.opt_state, micro)
+        return metrics
+
+    def state(self) -> dict:
+        return {"params": self.params, "opt_state": self.opt_state}
+
+    def load_state(self, state: dict) -> None:
+        self.params, self.opt_state = state["params"], state["opt_state"]

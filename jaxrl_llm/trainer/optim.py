@@ -61,3 +61,8 @@ def run_optimizer(cfg, lr: float | None = None) -> optax.GradientTransformation:
     return make_optimizer(t.lr if lr is None else lr, steps=t.steps * a.ppo_epochs * a.minibatches,
                           warmup_steps=t.warmup_steps, schedule=t.schedule, weight_decay=t.weight_decay, b1=t.b1,
                           b2=t.b2, grad_clip=t.grad_clip or None)
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, params, replicated):
+    """The optimizer state of ``params``, created on device where :func:`opt_state_shardings` places it."""
+    return jax.jit(optimizer.init, out_shardings=opt_state_shardings(optimizer, params, replicated))(params)

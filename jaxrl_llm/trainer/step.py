@@ -10,7 +10,6 @@ reported in the metrics, so a NaN never reaches the parameters or a checkpoint.
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -24,8 +23,9 @@ from jaxrl_llm.compile_options import compiler_options
 from jaxrl_llm.losses import exploration as X
 from jaxrl_llm.sampling.consistency import mismatch_metrics
 
-__all__ = ["Experience", "LossConfig", "make_update_step", "jit_update_step", "split_micro", "minibatch_normalizer",
-           "accumulate", "apply_if_finite"]
+__all__ = ["Experience", "Metric", "make_loss_fn", "make_update_step", "jit_update_step", "split_micro",
+           "minibatch_normalizer", "accumulate", "apply_if_finite", "loss_kl_coef", "has_entropy_bonus",
+           "policy_kwargs"]
 
 
 @flax.struct.dataclass
@@ -51,57 +51,54 @@ class Experience:
         return self.tokens.shape[0]
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """Static description of the update's loss (hashable, so it can key jit caches)."""
+@flax.struct.dataclass
+class Metric:
+    """One micro-batch's value of a metric, and how micro-batches combine into the minibatch's value:
 
-    policy_loss: str = "ppo_clip"
-    agg: str = "token-mean"
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    dual_clip: float | None = None
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0  # the bonus weight (the starting value when entropy_target is set)
-    entropy_target: float | None = None  # adaptive entropy control: the coefficient is a runtime input
-    entropy_token_frac: float = 1.0  # < 1: only the top fraction of tokens by entropy get policy gradient
-    agg_constant: float | None = None  # Dr. GRPO's constant normaliser (e.g. the response-token budget)
-    cov_penalty: str = "none"  # none | clip_cov | kl_cov (arXiv 2505.22617)
-    clip_cov_ratio: float = 2e-4
-    clip_cov_low: float = 1.0
-    clip_cov_high: float = 5.0
-    kl_cov_ratio: float = 2e-3
-    kl_cov_coef: float = 1.0
+    * ``sum``: a loss term that already carries the minibatch's global normaliser (or a count);
+    * ``max``: a non-negative maximum;
+    * ``mean``: a mean over the micro-batch's tokens, weighted by its share of the minibatch's tokens.
+    """
 
-    @classmethod
-    def of(cls, cfg) -> "LossConfig":
-        """The loss settings of a run config (``TrainConfig``): its algorithm section, with the KL left to the reward
-        when ``kl_in_reward`` and the aggregation constant defaulting to the generation budget."""
-        a = cfg.algorithm
-        return cls(policy_loss=a.policy_loss, agg=a.loss_agg, clip_low=a.clip_low, clip_high=a.clip_high,
-                   dual_clip=a.dual_clip, kl_coef=0.0 if a.kl_in_reward else a.kl_coef, kl_estimator=a.kl_estimator,
-                   entropy_coef=a.entropy_coef, entropy_target=a.entropy_target,
-                   entropy_token_frac=a.entropy_token_frac,
-                   agg_constant=a.agg_constant or float(cfg.rollout.max_new_tokens),
-                   cov_penalty=a.cov_penalty, clip_cov_ratio=a.clip_cov_ratio, clip_cov_low=a.clip_cov_low,
-                   clip_cov_high=a.clip_cov_high, kl_cov_ratio=a.kl_cov_ratio, kl_cov_coef=a.kl_cov_coef)
-
-    @property
-    def entropy_bonus(self) -> bool:
-        return bool(self.entropy_coef) or self.entropy_target is not None
-
-    def policy_knobs(self) -> dict[str, Any]:
-        knobs: dict[str, Any] = {}
-        if self.policy_loss in ("ppo_clip", "gspo", "gspo_token", "cispo"):
-            knobs.update(clip_low=self.clip_low, clip_high=self.clip_high)
-        if self.policy_loss == "ppo_clip" and self.dual_clip is not None:
-            knobs["dual_clip"] = self.dual_clip
-        return knobs
+    value: jax.Array
+    reduce: str = flax.struct.field(pytree_node=False, default="mean")
 
 
-def minibatch_normalizer(mask: jax.Array, cfg: LossConfig) -> jax.Array:
-    """The global normaliser for ``aggregate`` over a whole minibatch ``mask [..., R]``."""
-    return L.global_normalizer(mask.reshape(-1, mask.shape[-1]), cfg.agg, constant=cfg.agg_constant)
+def _means(metrics: dict) -> dict[str, Metric]:
+    return {k: Metric(v, "mean") for k, v in metrics.items()}
+
+
+def _combine(a: Metric, b: Metric) -> Metric:
+    return a.replace(value=(jnp.maximum if a.reduce == "max" else jnp.add)(a.value, b.value))
+
+
+def _is_metric(x) -> bool:
+    return isinstance(x, Metric)
+
+
+def minibatch_normalizer(mask: jax.Array, algo) -> jax.Array:
+    """The global normaliser for ``aggregate`` over a whole minibatch ``mask [..., R]`` under the settings ``algo``
+    (``AlgorithmSection``)."""
+    return L.global_normalizer(mask.reshape(-1, mask.shape[-1]), algo.loss_agg)
+
+
+def loss_kl_coef(algo) -> float:
+    """The KL coefficient of the loss: 0 when the KL is part of the reward instead (``kl_in_reward``)."""
+    return 0.0 if algo.kl_in_reward else algo.kl_coef
+
+
+def has_entropy_bonus(algo) -> bool:
+    return bool(algo.entropy_coef) or algo.entropy_target is not None
+
+
+def policy_kwargs(algo) -> dict[str, Any]:
+    """The keyword arguments of ``losses.get_policy_loss(algo.policy_loss)`` that ``algo`` sets."""
+    kwargs: dict[str, Any] = {}
+    if algo.policy_loss in ("ppo_clip", "gspo", "gspo_token", "cispo"):
+        kwargs.update(clip_low=algo.clip_low, clip_high=algo.clip_high)
+    if algo.policy_loss == "ppo_clip" and algo.dual_clip is not None:
+        kwargs["dual_clip"] = algo.dual_clip
+    return kwargs
 
 
 def split_micro(exp: Experience, num_micro: int) -> Experience:
@@ -122,10 +119,10 @@ def split_micro(exp: Experience, num_micro: int) -> Experience:
     return exp
 
 
-def accumulate(micro_grads: Callable[[Any], Any], micro_batches, grad_shardings=None, maxed=frozenset()):
-    """Sum ``micro_grads(micro) -> (grads, metrics)`` over the leading micro-batch axis of ``micro_batches`` with a
-    ``lax.scan``, so only one micro-batch's activations are live at a time. Metrics named in ``maxed`` (non-negative)
-    take the maximum instead of the sum.
+def accumulate(micro_grads: Callable[[Any], Any], micro_batches, grad_shardings=None):
+    """Sum ``micro_grads(micro) -> (grads, {name: Metric})`` over the leading micro-batch axis of
+    ``micro_batches`` with a ``lax.scan``, so only one micro-batch's activations are live at a time; each metric
+    combines as its :class:`Metric` says. Returns ``(grads, {name: value})``.
 
     ``grad_shardings`` (the parameters' shardings) pins the gradient accumulator to them: it starts as zeros,
     which XLA would otherwise be free to replicate on every device."""
@@ -138,16 +135,13 @@ def accumulate(micro_grads: Callable[[Any], Any], micro_batches, grad_shardings=
 
     zeros = pin(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(micro_grads, first)))
 
-    def combine(acc, new):
-        grads = jax.tree.map(jnp.add, acc[0], new[0])
-        metrics = {k: (jnp.maximum if k in maxed else jnp.add)(v, new[1][k]) for k, v in acc[1].items()}
-        return grads, metrics
-
     def body(acc, micro):
-        return pin(combine(acc, micro_grads(micro))), None
+        grads, metrics = micro_grads(micro)
+        total = jax.tree.map(jnp.add, acc[0], grads)
+        return pin((total, jax.tree.map(_combine, acc[1], metrics, is_leaf=_is_metric))), None
 
-    total, _ = jax.lax.scan(body, zeros, micro_batches)
-    return total
+    (grads, metrics), _ = jax.lax.scan(body, zeros, micro_batches)
+    return grads, {k: m.value for k, m in metrics.items()}
 
 
 def apply_if_finite(optimizer: optax.GradientTransformation, grads, params, opt_state, finite):
@@ -165,39 +159,91 @@ def apply_if_finite(optimizer: optax.GradientTransformation, grads, params, opt_
 LogprobFn = Callable[[Any, Experience], tuple[jax.Array, jax.Array]]
 
 
-def _token_gates(cfg: LossConfig, logp, old_logp, entropy, micro: Experience, key, metrics: dict):
+def _token_gates(algo, logp, old_logp, entropy, micro: Experience, key, metrics: dict):
     """Tokens whose policy gradient is stopped (high-entropy-token training, Clip-Cov) and KL-Cov's extra loss
     per token; fills the selection metrics."""
     mask = micro.mask.astype(bool)
     stop = jnp.zeros(mask.shape, bool)
     extra = None
-    if cfg.entropy_token_frac < 1.0:
-        top = X.top_fraction(jax.lax.stop_gradient(entropy), mask, cfg.entropy_token_frac)
+    if algo.entropy_token_frac < 1.0:
+        top = X.top_fraction(jax.lax.stop_gradient(entropy), mask, algo.entropy_token_frac)
         stop = stop | (mask & ~top)
-        metrics["pg_tokens"] = top.sum().astype(jnp.float32)
-    if cfg.cov_penalty != "none":
+        metrics["pg_tokens"] = Metric(top.sum().astype(jnp.float32), "sum")
+    if algo.cov_penalty != "none":
         cov = X.token_covariance(logp, micro.advantages, mask)
         n = jnp.maximum(mask.sum(), 1)
-        metrics["cov_mean"] = cov.sum() / n
-        metrics["cov_max"] = jnp.where(mask.any(), jnp.max(jnp.where(mask, cov, -jnp.inf)), 0.0)
-        if cfg.cov_penalty == "clip_cov":
+        metrics["cov_mean"] = Metric(cov.sum() / n)
+        metrics["cov_max"] = Metric(jnp.where(mask.any(), jnp.max(jnp.where(mask, cov, -jnp.inf)), 0.0))
+        if algo.cov_penalty == "clip_cov":
             ratio = jnp.exp(jax.lax.stop_gradient(logp) - old_logp)
             adv = micro.advantages
-            ppo_clipped = ((adv > 0) & (ratio > 1 + cfg.clip_high)) | ((adv < 0) & (ratio < 1 - cfg.clip_low))
-            chosen = X.clip_cov_select(cov, mask, key, ratio=cfg.clip_cov_ratio, low=cfg.clip_cov_low,
-                                       high=cfg.clip_cov_high, candidates=~ppo_clipped)
+            ppo_clipped = ((adv > 0) & (ratio > 1 + algo.clip_high)) | ((adv < 0) & (ratio < 1 - algo.clip_low))
+            chosen = X.clip_cov_select(cov, mask, key, ratio=algo.clip_cov_ratio, low=algo.clip_cov_low,
+                                       high=algo.clip_cov_high, candidates=~ppo_clipped)
             stop = stop | chosen
         else:
-            chosen = X.kl_cov_select(cov, mask, ratio=cfg.kl_cov_ratio)
+            chosen = X.kl_cov_select(cov, mask, ratio=algo.kl_cov_ratio)
             extra = jnp.where(chosen, jnp.abs(logp - old_logp), 0.0)
-        metrics["cov_selected"] = chosen.sum().astype(jnp.float32)
+        metrics["cov_selected"] = Metric(chosen.sum().astype(jnp.float32), "sum")
     return stop, extra
 
 
-def make_update_step(graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig, logprob_fn: LogprobFn,
+def _mismatch(sampler_logp, trainer_logp, mask) -> dict[str, Metric]:
+    """The sampler-trainer mismatch metrics of a micro-batch (the maximum combines as a maximum)."""
+    return {k: Metric(v, "max" if k == "mismatch_abs_max" else "mean")
+            for k, v in mismatch_metrics(sampler_logp, trainer_logp, mask).items()}
+
+
+def make_loss_fn(graphdef, algo, logprob_fn: LogprobFn):
+    """``loss_fn(params, rest, micro, normalizer, control) -> (loss, {name: Metric})`` of one micro-batch under the
+    loss settings ``algo`` (the run's ``AlgorithmSection``); see :func:`make_update_step`."""
+    policy_fn = L.get_policy_loss(algo.policy_loss)
+    kwargs = policy_kwargs(algo)
+    kl_coef = loss_kl_coef(algo)
+
+    def loss_fn(params, rest, micro: Experience, normalizer, control):
+        model = flax.nnx.merge(graphdef, params, rest)
+        logp, entropy = logprob_fn(model, micro)
+        metrics: dict[str, Metric] = {}
+        old_logp = micro.old_logp
+        if old_logp is None:  # one update on fresh rollouts: the policy before it is the one being differentiated
+            old_logp = jax.lax.stop_gradient(logp)
+            if micro.sampler_logp is not None:  # the sampler-trainer mismatch, without a scoring pass of its own
+                metrics.update(_mismatch(micro.sampler_logp, old_logp, micro.mask))
+        stop, extra = _token_gates(algo, logp, old_logp, entropy, micro, control["key"], metrics)
+        loss, policy_metrics = policy_fn(X.gate_gradient(logp, stop), old_logp, micro.advantages,
+                                         micro.mask, agg=algo.loss_agg, is_weights=micro.is_weights,
+                                         normalizer=normalizer, **kwargs)
+        metrics.update(_means(policy_metrics))
+        metrics["policy_loss"] = Metric(loss, "sum")
+        ent = L.aggregate(entropy, micro.mask, algo.loss_agg, normalizer=normalizer)
+        metrics["entropy"] = Metric(ent, "sum")
+        if has_entropy_bonus(algo):
+            loss = loss - control["entropy_coef"] * ent
+        if extra is not None:
+            kl_cov = L.aggregate(extra, micro.mask, algo.loss_agg, normalizer=normalizer)
+            metrics["kl_cov_loss"] = Metric(kl_cov, "sum")
+            loss = loss + algo.kl_cov_coef * kl_cov
+        if kl_coef:
+            kl_tok = L.kl(logp, micro.ref_logp, algo.kl_estimator)
+            kl_term = L.aggregate(kl_tok, micro.mask, algo.loss_agg, normalizer=normalizer)
+            metrics["kl_loss"] = Metric(kl_term, "sum")
+            loss = loss + kl_coef * kl_term
+        if micro.sampler_logp is not None:
+            # drift of the policy being updated from the sampler that drew the tokens: k3 estimate of KL(mu || pi)
+            d = jax.lax.stop_gradient(logp) - micro.sampler_logp
+            metrics["offpolicy_kl"] = Metric(jnp.sum(jnp.where(micro.mask, jnp.expm1(d) - d, 0.0)) / jnp.maximum(
+                micro.mask.sum(), 1))
+        metrics["loss"] = Metric(loss, "sum")
+        return loss, metrics
+
+    return loss_fn
+
+
+def make_update_step(graphdef, optimizer: optax.GradientTransformation, algo, logprob_fn: LogprobFn,
                      param_shardings=None):
     """Build ``update(params, rest, opt_state, micro_batches, normalizer, control=None)
-    -> (params, opt_state, metrics)``.
+    -> (params, opt_state, metrics)`` for the loss settings ``algo`` (the run's ``AlgorithmSection``).
 
     ``logprob_fn(model, experience) -> (logp [n, R], entropy [n, R])`` computes the current policy's per-token
     log-probs and entropies (the sampler-consistent scoring function with the rollout temperature bound in).
@@ -205,50 +251,11 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, cfg: Los
     PRNG key of Clip-Cov's random choice; folded with the micro-batch index). ``param_shardings`` keeps the
     gradients sharded like the parameters (see :func:`accumulate`).
     """
-    policy_fn = L.get_policy_loss(cfg.policy_loss)
-    knobs = cfg.policy_knobs()
-
-    def loss_fn(params, rest, micro: Experience, normalizer, control):
-        model = flax.nnx.merge(graphdef, params, rest)
-        logp, entropy = logprob_fn(model, micro)
-        metrics: dict[str, jax.Array] = {}
-        old_logp = micro.old_logp
-        if old_logp is None:  # one update on fresh rollouts: the policy before it is the one being differentiated
-            old_logp = jax.lax.stop_gradient(logp)
-            if micro.sampler_logp is not None:  # the sampler-trainer mismatch, without a scoring pass of its own
-                metrics.update(mismatch_metrics(micro.sampler_logp, old_logp, micro.mask))
-        stop, extra = _token_gates(cfg, logp, old_logp, entropy, micro, control["key"], metrics)
-        loss, policy_metrics = policy_fn(X.gate_gradient(logp, stop), old_logp, micro.advantages,
-                                         micro.mask, agg=cfg.agg, is_weights=micro.is_weights,
-                                         normalizer=normalizer, **knobs)
-        metrics.update(policy_metrics)
-        metrics["policy_loss"] = loss
-        ent = L.aggregate(entropy, micro.mask, cfg.agg, normalizer=normalizer)
-        metrics["entropy"] = ent
-        if cfg.entropy_bonus:
-            loss = loss - control["entropy_coef"] * ent
-        if extra is not None:
-            kl_cov = L.aggregate(extra, micro.mask, cfg.agg, normalizer=normalizer)
-            metrics["kl_cov_loss"] = kl_cov
-            loss = loss + cfg.kl_cov_coef * kl_cov
-        if cfg.kl_coef:
-            kl_tok = L.kl(logp, micro.ref_logp, cfg.kl_estimator)
-            kl_term = L.aggregate(kl_tok, micro.mask, cfg.agg, normalizer=normalizer)
-            metrics["kl_loss"] = kl_term
-            loss = loss + cfg.kl_coef * kl_term
-        if micro.sampler_logp is not None:
-            # drift of the policy being updated from the sampler that drew the tokens: k3 estimate of KL(mu || pi)
-            d = jax.lax.stop_gradient(logp) - micro.sampler_logp
-            metrics["offpolicy_kl"] = jnp.sum(jnp.where(micro.mask, jnp.expm1(d) - d, 0.0)) / jnp.maximum(
-                micro.mask.sum(), 1)
-        metrics["loss"] = loss
-        return loss, metrics
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, algo, logprob_fn), has_aux=True)
 
     def update(params, rest, opt_state, micro_batches: Experience, normalizer, control=None):
         control = dict(control or {})
-        control.setdefault("entropy_coef", jnp.float32(cfg.entropy_coef))
+        control.setdefault("entropy_coef", jnp.float32(algo.entropy_coef))
         control.setdefault("key", jax.random.key(0))
         weight_total = jnp.maximum(micro_batches.mask.sum(), 1)
         num_micro = micro_batches.mask.shape[0]
@@ -257,37 +264,29 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, cfg: Los
             micro, i = xs
             ctl = dict(control, key=jax.random.fold_in(control["key"], i))
             (_, metrics), grads = grad_fn(params, rest, micro, normalizer, ctl)
-            # summed losses already carry the global normaliser; metrics that are per-micro means are
-            # re-weighted by each micro-batch's share of the tokens
-            share = micro.mask.sum() / weight_total
-            return grads, {k: (v if k in _SUMMED or k in _MAXED else v * share) for k, v in metrics.items()}
+            share = micro.mask.sum() / weight_total  # a per-micro mean's weight in the minibatch's mean
+            return grads, {k: m.replace(value=m.value * share) if m.reduce == "mean" else m
+                           for k, m in metrics.items()}
 
-        grads, metrics = accumulate(micro_grads, (micro_batches, jnp.arange(num_micro)), param_shardings, _MAXED)
+        grads, metrics = accumulate(micro_grads, (micro_batches, jnp.arange(num_micro)), param_shardings)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(grad_norm) & jnp.isfinite(metrics["loss"])
         new_params, new_opt_state = apply_if_finite(optimizer, grads, params, opt_state, finite)
-        metrics = dict(metrics)
         metrics["grad_norm"] = grad_norm
         metrics["skipped_nonfinite"] = (~finite).astype(jnp.float32)
-        if cfg.entropy_bonus:
+        if has_entropy_bonus(algo):
             metrics["entropy_coef"] = jnp.asarray(control["entropy_coef"], jnp.float32)
         return new_params, new_opt_state, metrics
 
     return update
 
 
-# loss terms that are sums over micro-batches (global normaliser); maxima over micro-batches; everything else is a
-# per-micro mean
-_SUMMED = frozenset({"loss", "policy_loss", "entropy", "kl_loss", "kl_cov_loss", "cov_selected", "pg_tokens"})
-_MAXED = frozenset({"mismatch_abs_max"})
-
-
-def jit_update_step(graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig, logprob_fn: LogprobFn,
+def jit_update_step(graphdef, optimizer: optax.GradientTransformation, algo, logprob_fn: LogprobFn,
                     param_shardings, rest_shardings, opt_shardings):
     """:func:`make_update_step`, jitted as the trainer runs it (and the planner compiles it): parameters and
     optimizer state keep their shardings and are donated; compiled like the sampler, so that its log-probs round
     like the sampler's (``compile_options.py``)."""
-    step = make_update_step(graphdef, optimizer, cfg, logprob_fn, param_shardings)
+    step = make_update_step(graphdef, optimizer, algo, logprob_fn, param_shardings)
     return jax.jit(step, in_shardings=(param_shardings, rest_shardings, opt_shardings, None, None, None),
                    out_shardings=(param_shardings, opt_shardings, None), donate_argnums=(0, 2),
                    compiler_options=compiler_options())

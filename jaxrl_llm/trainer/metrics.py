@@ -1,0 +1,41 @@
+"""What a step logs about its rollouts (rewards, pass@k, lengths) and its throughput."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrl_llm.distributed import host
+from jaxrl_llm.metrics import mean_pass_at_k
+from jaxrl_llm.sampling import Rollout
+
+__all__ = ["rollout_metrics", "throughput"]
+
+
+def rollout_metrics(ro: Rollout, rewards: np.ndarray, per_fn: dict[str, np.ndarray], n: int) -> dict[str, float]:
+    """Reward statistics, pass@k over each prompt's ``n`` samples (a sample is correct when the first reward
+    function scores it above 0), response lengths and how many responses hit the length budget."""
+    lengths = host(ro.lengths)
+    correct = (next(iter(per_fn.values())) > 0).reshape(-1, n)
+    ks = sorted({1, n} | {k for k in (2, 4, 8, 16) if k <= n})
+    out = {f"pass@{k}": v for k, v in mean_pass_at_k(correct, ks).items()}
+    out.update({
+        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+        "accuracy": float(correct.mean()),
+        "response_length_mean": float(lengths.mean()), "response_length_max": float(lengths.max()),
+        "response_clipped_frac": float((host(ro.finish_reason) == 1).mean()),
+    })
+    for name, v in per_fn.items():
+        out[f"reward/{name}"] = float(v.mean())
+    return out
+
+
+def throughput(ro: Rollout, seconds: float, num_params: int, ppo_epochs: int, peak_tflops: float | None,
+               devices: int) -> dict[str, float]:
+    """Tokens per second, model TFLOP/s (6 N per trained token and epoch, 2 N per sampled and per scored token)
+    and, with a known peak, the model FLOPs utilisation of every device the run uses."""
+    tokens = float(jnp.sum(ro.mask) + jnp.sum(ro.prompt_mask))
+    flops = 6 * num_params * tokens * ppo_epochs + 4 * num_params * tokens
+    out = {"tokens_per_sec": tokens / seconds, "model_tflops_per_sec": flops / seconds / 1e12}
+    if peak_tflops is not None:
+        out["mfu"] = out["model_tflops_per_sec"] / (peak_tflops * devices)
+    return out
