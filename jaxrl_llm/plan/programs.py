@@ -106,8 +106,10 @@ def _update_program(cfg, mc, layout, graphdef, params, rest, opt_state, optimize
 
     step = build_update(cfg, graphdef, optimizer, params, rest, opt_state)
     micro = _micro_batches(cfg, mc, layout, s)
+    # the normaliser is reduced from the minibatch's (placed) mask: replicated on the mesh
+    normalizer = _abstract((), jnp.float32, layout.replicated())
     control = {"entropy_coef": _abstract((), jnp.float32), "key": jax.eval_shape(lambda: jax.random.key(0))}
-    return step, (params, rest, opt_state, micro, _abstract((), jnp.float32), control), {}
+    return step, (params, rest, opt_state, micro, normalizer, control), {}
 
 
 def plan_sampling_params(cfg, mc):
