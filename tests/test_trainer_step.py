@@ -92,3 +92,23 @@ def test_old_logp_from_the_update_equals_a_scoring_pass():
                                rtol=2e-2)
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5, atol=1e-7)
     assert "mismatch_abs_max" not in m1
+
+
+def test_dr_grpo_constant_normaliser_reaches_the_loss():
+    # seq-mean-token-sum-norm divides each response's token sum by a constant (Dr. GRPO: the generation budget),
+    # not by the padded length of the batch, which changes when responses are trimmed
+    params, rest, opt_state, exp, _, _ = _setup("seq-mean-token-sum-norm")
+    algo = AlgorithmSection(loss_agg="seq-mean-token-sum-norm", kl_coef=0.1, entropy_coef=0.01)
+
+    def logprob_fn(m, e):
+        return sequence_logprobs(m, e.prompt_ids, e.prompt_mask, e.tokens, e.mask, chunk=4)
+
+    norm = minibatch_normalizer(exp.mask, algo)
+    padded = exp.mask.shape[1]
+    metrics = {}
+    for constant in (None, 40.0):
+        update = jax.jit(make_update_step(nnx.graphdef(Decoder(_MODEL, rngs=nnx.Rngs(0))), optax.sgd(0.1), algo,
+                                          logprob_fn, agg_constant=constant))
+        metrics[constant] = update(params, rest, opt_state, split_micro(exp, 2), norm)[2]
+    for key in ("policy_loss", "entropy", "kl_loss"):
+        np.testing.assert_allclose(float(metrics[40.0][key]), float(metrics[None][key]) * padded / 40.0, rtol=1e-5)

@@ -10,6 +10,7 @@ reported in the metrics, so a NaN never reaches the parameters or a checkpoint.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -194,12 +195,13 @@ def _mismatch(sampler_logp, trainer_logp, mask) -> dict[str, Metric]:
             for k, v in mismatch_metrics(sampler_logp, trainer_logp, mask).items()}
 
 
-def make_loss_fn(graphdef, algo, logprob_fn: LogprobFn):
+def make_loss_fn(graphdef, algo, logprob_fn: LogprobFn, agg_constant: float | None = None):
     """``loss_fn(params, rest, micro, normalizer, control) -> (loss, {name: Metric})`` of one micro-batch under the
     loss settings ``algo`` (the run's ``AlgorithmSection``); see :func:`make_update_step`."""
     policy_fn = L.get_policy_loss(algo.policy_loss)
     kwargs = policy_kwargs(algo)
     kl_coef = loss_kl_coef(algo)
+    agg = functools.partial(L.aggregate, mode=algo.loss_agg, constant=agg_constant)
 
     def loss_fn(params, rest, micro: Experience, normalizer, control):
         model = flax.nnx.merge(graphdef, params, rest)
@@ -213,20 +215,20 @@ def make_loss_fn(graphdef, algo, logprob_fn: LogprobFn):
         stop, extra = _token_gates(algo, logp, old_logp, entropy, micro, control["key"], metrics)
         loss, policy_metrics = policy_fn(X.gate_gradient(logp, stop), old_logp, micro.advantages,
                                          micro.mask, agg=algo.loss_agg, is_weights=micro.is_weights,
-                                         normalizer=normalizer, **kwargs)
+                                         normalizer=normalizer, agg_constant=agg_constant, **kwargs)
         metrics.update(_means(policy_metrics))
         metrics["policy_loss"] = Metric(loss, "sum")
-        ent = L.aggregate(entropy, micro.mask, algo.loss_agg, normalizer=normalizer)
+        ent = agg(entropy, micro.mask, normalizer=normalizer)
         metrics["entropy"] = Metric(ent, "sum")
         if has_entropy_bonus(algo):
             loss = loss - control["entropy_coef"] * ent
         if extra is not None:
-            kl_cov = L.aggregate(extra, micro.mask, algo.loss_agg, normalizer=normalizer)
+            kl_cov = agg(extra, micro.mask, normalizer=normalizer)
             metrics["kl_cov_loss"] = Metric(kl_cov, "sum")
             loss = loss + algo.kl_cov_coef * kl_cov
         if kl_coef:
             kl_tok = L.kl(logp, micro.ref_logp, algo.kl_estimator)
-            kl_term = L.aggregate(kl_tok, micro.mask, algo.loss_agg, normalizer=normalizer)
+            kl_term = agg(kl_tok, micro.mask, normalizer=normalizer)
             metrics["kl_loss"] = Metric(kl_term, "sum")
             loss = loss + kl_coef * kl_term
         if micro.sampler_logp is not None:
@@ -241,9 +243,10 @@ def make_loss_fn(graphdef, algo, logprob_fn: LogprobFn):
 
 
 def make_update_step(graphdef, optimizer: optax.GradientTransformation, algo, logprob_fn: LogprobFn,
-                     param_shardings=None):
+                     param_shardings=None, agg_constant: float | None = None):
     """Build ``update(params, rest, opt_state, micro_batches, normalizer, control=None)
     -> (params, opt_state, metrics)`` for the loss settings ``algo`` (the run's ``AlgorithmSection``).
+    ``agg_constant`` is the normaliser of ``seq-mean-token-sum-norm`` (Dr. GRPO; None: the padded length).
 
     ``logprob_fn(model, experience) -> (logp [n, R], entropy [n, R])`` computes the current policy's per-token
     log-probs and entropies (the sampler-consistent scoring function with the rollout temperature bound in).
@@ -251,7 +254,7 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, algo, lo
     PRNG key of Clip-Cov's random choice; folded with the micro-batch index). ``param_shardings`` keeps the
     gradients sharded like the parameters (see :func:`accumulate`).
     """
-    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, algo, logprob_fn), has_aux=True)
+    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, algo, logprob_fn, agg_constant), has_aux=True)
 
     def update(params, rest, opt_state, micro_batches: Experience, normalizer, control=None):
         control = dict(control or {})
@@ -282,11 +285,11 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, algo, lo
 
 
 def jit_update_step(graphdef, optimizer: optax.GradientTransformation, algo, logprob_fn: LogprobFn,
-                    param_shardings, rest_shardings, opt_shardings):
+                    param_shardings, rest_shardings, opt_shardings, agg_constant: float | None = None):
     """:func:`make_update_step`, jitted as the trainer runs it (and the planner compiles it): parameters and
     optimizer state keep their shardings and are donated; compiled like the sampler, so that its log-probs round
     like the sampler's (``compile_options.py``)."""
-    step = make_update_step(graphdef, optimizer, algo, logprob_fn, param_shardings)
+    step = make_update_step(graphdef, optimizer, algo, logprob_fn, param_shardings, agg_constant)
     return jax.jit(step, in_shardings=(param_shardings, rest_shardings, opt_shardings, None, None, None),
                    out_shardings=(param_shardings, opt_shardings, None), donate_argnums=(0, 2),
                    compiler_options=compiler_options())

@@ -38,9 +38,12 @@ def build_update(cfg, graphdef, optimizer, params, rest, opt_state, *, layer: in
     """The jitted update step of a run config for parameters, state and optimizer state placed as given (the
     program the trainer runs, and the one the planner compiles); ``layer`` trains an internal layer's policy."""
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    # Dr. GRPO's constant normaliser is the generation budget unless set: responses are trimmed to the longest
+    # sampled one, so the padded length would change from step to step
     return jit_update_step(graphdef, optimizer, cfg.algorithm,
                            policy_logprob_fn(cfg, prompt_sharing(cfg).update_group, layer),
-                           shardings(params), shardings(rest), shardings(opt_state))
+                           shardings(params), shardings(rest), shardings(opt_state),
+                           agg_constant=cfg.algorithm.agg_constant or float(cfg.rollout.max_new_tokens))
 
 
 def micro_shardings(layout: Layout, micro: Experience):
