@@ -252,3 +252,32 @@ def test_old_logp_scoring_pass_is_kept_when_needed(tiny_model_dir, tmp_path):
             assert not trainer.scorer.from_update, extra
         finally:
             trainer.close()
+
+
+def test_scoring_passes_run_in_micro_batches(tiny_model_dir, tmp_path, monkeypatch):
+    # old and reference log-probs are scored a micro-batch (train.micro_batch_size rows) at a time, never every
+    # rollout row in one forward; the results are those of one forward over all rows
+    import importlib
+
+    from jaxrl_llm.sampling import score
+
+    score_module = importlib.import_module("jaxrl_llm.sampling.score")
+    program, rows_seen = score_module._jitted_score(), []
+
+    def spy(*args, **kwargs):
+        rows_seen.append(args[2].shape[0])  # prompt_ids
+        return program(*args, **kwargs)
+
+    cfg = _cfg(tiny_model_dir, tmp_path, None, "train.steps=1", "algorithm.kl_coef=0.01", "train.micro_batch_size=4",
+               "mesh.data=4", "checkpoint.export_hf=false")
+    with RLTrainer(cfg, devices=jax.devices()[:4]) as trainer:
+        trainer.rollouts.update_weights(trainer.learner.policy_state())
+        ro = trainer.rollouts.generate().rollout
+        monkeypatch.setattr(score_module, "_jitted_score", lambda: spy)
+        scores = trainer.scorer(trainer.learner.policy_state(), ro)
+        monkeypatch.undo()
+        whole, _ = score(trainer.learner.graphdef, trainer.learner.policy_state(), ro.prompt_ids, ro.prompt_mask,
+                         ro.tokens, ro.mask, group=4)
+    assert rows_seen == [4] * 8  # 16 rows: 4 micro-batches of old log-probs, then 4 of reference log-probs
+    np.testing.assert_allclose(np.asarray(scores.old_logp), np.asarray(whole), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(scores.ref_logp), np.asarray(whole), atol=2e-6)

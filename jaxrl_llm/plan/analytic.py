@@ -50,7 +50,8 @@ def analytic_plan(cfg, mc, sizes: dict[str, int]) -> MemoryPlan:
     sample_weights = mc.num_params() * pbytes if k else params
     cast = sample_weights * sbytes // pbytes if sbytes != pbytes else 0  # weights cast to rollout.sampler_dtype
     sample_logits = sample_rows * mc.vocab_size * 4 * 4  # logits, scaled, filtered, probabilities
-    score = _layer_forward(mc, rows_dev, t, tensor, cbytes) + rows_dev * min(cfg.train.logprob_chunk,
+    score_dev = _div(s.score_micro, s.dp)  # scoring runs a micro-batch of whole groups at a time
+    score = _layer_forward(mc, score_dev, t, tensor, cbytes) + score_dev * min(cfg.train.logprob_chunk,
                                                                              s.response) * mc.vocab_size * 4 * 3
     return MemoryPlan(method="analytic", params=params, opt_state=opt, ref_params=ref, critic=critic, batch=batch,
                       sampler_copy=params if cfg.rollout.async_rollout and not k else 0, disaggregated=bool(k),

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxrl_llm.trainer.sharing import prompt_sharing
+
 
 @dataclasses.dataclass
 class ProgramMemory:
@@ -43,7 +45,7 @@ class MemoryPlan:
     kv_cache: int = 0  # the sampler's KV cache (analytic; inside sample_temp when compiled)
     sample_temp: int = 0  # sampler: KV cache, logits, decode activations
     sample_io: int = 0  # sampler: prompts in, rollout out, code (and its own weights when disaggregated)
-    score_temp: int = 0  # scoring: forward activations and log-prob chunks over a whole step's rollouts
+    score_temp: int = 0  # scoring: forward activations and log-prob chunks of a micro-batch of rollouts
     score_io: int = 0
     seconds: float = 0.0  # compile time
     notes: list[str] = dataclasses.field(default_factory=list)
@@ -81,6 +83,7 @@ class StepShapes:
     rows: int  # responses per step: prompts_per_step x n
     micro: int  # rows per micro-batch
     num_micro: int  # micro-batches per minibatch
+    score_micro: int  # rows per forward of the scoring passes
 
 
 def step_shapes(cfg, sizes: dict[str, int]) -> StepShapes:
@@ -88,4 +91,7 @@ def step_shapes(cfg, sizes: dict[str, int]) -> StepShapes:
     minibatch = rows // cfg.algorithm.minibatches
     return StepShapes(dp=sizes["data"] * sizes["fsdp"], prompt=cfg.data.max_prompt_tokens,
                       response=cfg.rollout.max_new_tokens, rows=rows, micro=cfg.train.micro_batch_size,
-                      num_micro=minibatch // cfg.train.micro_batch_size)
+                      num_micro=minibatch // cfg.train.micro_batch_size,
+                      # the exact replay scores a whole step at once (the sampler's own batch)
+                      score_micro=rows if cfg.rollout.consistency == "exact" else min(
+                          rows, prompt_sharing(cfg).score_rows))

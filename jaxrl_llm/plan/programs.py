@@ -68,7 +68,8 @@ def _micro_batches(cfg, mc, layout, s: StepShapes):
     import jax
     import jax.numpy as jnp
 
-    from jaxrl_llm.trainer.packing import Packing, packed_rows, packed_rows_multiple, prompt_sharing
+    from jaxrl_llm.trainer.packing import Packing, packed_rows, packed_rows_multiple
+    from jaxrl_llm.trainer.sharing import prompt_sharing
     from jaxrl_llm.trainer.step import Experience
     from jaxrl_llm.trainer.update import micro_shardings
 
@@ -148,17 +149,15 @@ def _generate_program(cfg, mc, model, state, layout, s: StepShapes):
     return sampler, (sampler._generate, args, kwargs)
 
 
-def _score_program(cfg, mc, graphdef, state, sampler, layout, s: StepShapes, rollout_sh):
-    """The old-log-prob pass of the trainer's scorer (``trainer.scoring.Scorer``) over a whole step's rollouts
-    placed as ``rollout_sh`` says: one forward over all rows, or in ``exact`` consistency the sampler's own
-    prefill + decode replay."""
+def _score_program(cfg, mc, graphdef, state, sampler, layout, s: StepShapes, rollout_sh, n: int):
+    """The old-log-prob pass of the trainer's scorer (``trainer.scoring.Scorer``) over ``n`` rollout rows placed
+    as ``rollout_sh`` says: a micro-batch's forward, or in ``exact`` consistency the sampler's own prefill + decode
+    replay of a whole step."""
     import jax.numpy as jnp
 
     from jaxrl_llm.sampling import Rollout
-    from jaxrl_llm.trainer.packing import prompt_sharing
     from jaxrl_llm.trainer.scoring import Scorer
 
-    n = s.rows
     arr = lambda shape, dtype, name: _abstract(shape, dtype, getattr(rollout_sh, name))  # noqa: E731
     experts = None
     if mc.is_moe:
@@ -169,18 +168,19 @@ def _score_program(cfg, mc, graphdef, state, sampler, layout, s: StepShapes, rol
                  logprobs=arr((n, s.response), jnp.float32, "logprobs"),
                  mask=arr((n, s.response), jnp.bool_, "mask"), lengths=arr((n,), jnp.int32, "lengths"),
                  finish_reason=arr((n,), jnp.int32, "finish_reason"), experts=experts, n=cfg.rollout.n)
-    scorer = Scorer(cfg, graphdef, sampler, layout, prompt_group=prompt_sharing(cfg).score_group)
+    scorer = Scorer(cfg, graphdef, sampler, layout)
     return scorer.old_logp_program(state, ro)
 
 
-def _rollout_shardings(layout, s: StepShapes, generated):
-    """The rollout's placement when scoring: as the sampler returned it on the trainer's devices, or (from
-    the sampler's own devices) moved back to the trainer's rows."""
+def _rollout_shardings(layout, rows: int, generated):
+    """The placement of ``rows`` rollout rows when scoring: as the sampler returned them on the trainer's devices
+    (``generated``), or placed over the trainer's row axes (a micro-batch, or rollouts from the sampler's own
+    devices)."""
     if generated is not None:
         return generated
-    rows = layout.rows(s.rows)
+    placed = layout.rows(rows)
     fields = ("prompt_ids", "prompt_mask", "tokens", "logprobs", "mask", "lengths", "finish_reason", "experts")
-    values = (rows,) * 7 + (layout.rows(s.rows, axis=1),)
+    values = (placed,) * 7 + (layout.rows(rows, axis=1),)
     return dataclasses.make_dataclass("RolloutShardings", fields)(*values)
 
 
@@ -252,8 +252,9 @@ def compile_plan(cfg, mc, sizes: dict[str, int], *, devices=None, cache: dict | 
     generate, sampler, generated = cache[sample_key]
     score_key = ("score", base, dataclasses.astuple(r), cfg.train.logprob_chunk)
     if score_key not in cache:
-        rollout_sh = _rollout_shardings(layout, s, None if k else generated)
-        program = _score_program(cfg, mc, graphdef, state, sampler, layout, s, rollout_sh)
+        rows = s.score_micro
+        rollout_sh = _rollout_shardings(layout, rows, generated if rows == s.rows and not k else None)
+        program = _score_program(cfg, mc, graphdef, state, sampler, layout, s, rollout_sh, rows)
         lowered["score"] = _named("scoring", _lower, program, layout)
         cache[score_key] = ProgramMemory.of(_named("scoring", lowered["score"].compile))
     score = cache[score_key]

@@ -245,7 +245,7 @@ def format_report(r: Report) -> str:
     if a.disaggregated:
         lines.append(_row("sampler devices: weights (replicated)", a.sample_io, get("sample_io"), both))
     lines.append(_row(f"{where}: temp (KV, logits, decode)", a.sample_temp, get("sample_temp"), both))
-    lines.append(_row(f"scoring: temp ({s.rows} rows, forward)", a.score_temp, get("score_temp"), both))
+    lines.append(_row(f"scoring: temp ({s.score_micro} rows per forward)", a.score_temp, get("score_temp"), both))
     for phase, value in a.phases.items():
         label = f"peak during {phase}" + (" (sampler devices)" if phase == "sampling" and a.disaggregated else "")
         lines.append(_row(label, value, c.phases[phase] if both else None, both))

@@ -6,5 +6,5 @@ from jaxrl_llm.sampling.score import (layer_entropies, rollout_logprobs, rollout
                                      score, sequence_logprobs)
 
 __all__ = ["FINISH_LENGTH", "FINISH_STOP", "Rollout", "Sampler", "SamplingParams", "filter_logits",
-           "layer_entropies", "mismatch_metrics", "rollout_logprobs", "rollout_logprobs_program", "routing_agreement", "sample_tokens", "score",
-           "sequence_logprobs"]
+           "layer_entropies", "mismatch_metrics", "rollout_logprobs", "rollout_logprobs_program", "routing_agreement",
+           "sample_tokens", "score", "sequence_logprobs"]

@@ -9,30 +9,12 @@ about ``sum(lengths)`` response tokens instead of ``rows x R``. The plan is made
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import flax
 import jax
 import numpy as np
 
-__all__ = ["Packing", "PromptSharing", "plan_packing", "prompt_sharing", "packed_rows", "packed_rows_multiple"]
-
-
-class PromptSharing(NamedTuple):
-    score_group: int  # rows per shared prompt in scoring passes (1 = one forward per row)
-    update_group: int  # rows per shared prompt in updates
-    pack: bool  # whether updates pack each group's responses
-
-
-def prompt_sharing(cfg) -> PromptSharing:
-    """How a run config shares prompts (``train.share_prompts``, ``train.pack_responses``).
-
-    Updates share prompts only when a minibatch is the whole batch, so that micro-batches can hold whole groups
-    without changing what an update sees, and a micro-batch holds whole groups."""
-    t, n = cfg.train, cfg.rollout.n
-    share = t.share_prompts and n > 1
-    update = share and cfg.algorithm.minibatches == 1 and t.micro_batch_size % n == 0
-    return PromptSharing(n if share else 1, n if update else 1, update and t.pack_responses)
+__all__ = ["Packing", "plan_packing", "packed_rows", "packed_rows_multiple"]
 
 
 def packed_rows_multiple(row_shards: int, micro_rows: int) -> int:

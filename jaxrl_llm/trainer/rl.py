@@ -97,8 +97,7 @@ class RLTrainer:
                                critic_trunk=self._load_model()[0] if a.advantage == "gae" else None)
         ref_state = (nnx.merge_state(jax.tree.map(jnp.copy, self.learner.params), self.learner.rest)
                      if a.kl_coef > 0 else None)
-        self.scorer = Scorer(cfg, self.learner.graphdef, sampler, self.layout,
-                             prompt_group=self.learner.sharing.score_group, ref_state=ref_state)
+        self.scorer = Scorer(cfg, self.learner.graphdef, sampler, self.layout, ref_state=ref_state)
         # every process reads only its share of each global batch of prompts (RolloutWorker.sample)
         stream = PromptStream(load_rows(cfg.data), cfg.train.prompts_per_step, seed=cfg.data.seed,
                               shuffle=cfg.data.shuffle)

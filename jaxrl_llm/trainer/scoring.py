@@ -6,9 +6,12 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from jaxrl_llm.distributed import host
 from jaxrl_llm.parallel import Layout
+from jaxrl_llm.trainer.rollout import route_axis
+from jaxrl_llm.trainer.sharing import prompt_sharing
 from jaxrl_llm.sampling import (Rollout, layer_entropies, mismatch_metrics, rollout_logprobs_program, routing_agreement,
                                 score)
 
@@ -41,25 +44,47 @@ def old_logp_from_update(cfg) -> bool:
             and not a.bupo_steps and cfg.rollout.consistency != "exact")
 
 
+def _rows(ro: Rollout, start: int, stop: int) -> Rollout:
+    return jax.tree.map(lambda x: x[:, start:stop] if route_axis(x) else x[start:stop], ro)
+
+
 class Scorer:
     """Runs the scoring passes of a run config on the trainer's ``layout``: activations split by rows, each
-    layer's weights gathered (not for the sampler's exact replay, which runs the sampler's own program).
+    layer's weights gathered (not for the sampler's exact replay, which runs the sampler's own program). Each pass
+    runs over micro-batches of whole groups (``trainer.sharing.prompt_sharing``), never every rollout row in one
+    forward (the exact replay runs the sampler's own batch).
 
-    ``ref_state`` is the frozen reference policy (when the run has a KL term), ``prompt_group`` the rows that share
-    a prompt in scoring passes (each prompt is then run once)."""
+    ``ref_state`` is the frozen reference policy (when the run has a KL term)."""
 
-    def __init__(self, cfg, graphdef, sampler, layout: Layout, *, prompt_group: int, ref_state=None):
+    def __init__(self, cfg, graphdef, sampler, layout: Layout, *, ref_state=None):
         self.cfg, self.graphdef, self.sampler, self.layout = cfg, graphdef, sampler, layout
-        self.prompt_group = prompt_group
+        sharing = prompt_sharing(cfg)
+        self.prompt_group, self.rows = sharing.score_group, sharing.score_rows
         self.ref_state = ref_state
         self.from_update = old_logp_from_update(cfg)
 
-    def _score(self, state, ro: Rollout, **kwargs):
+    def _per_micro(self, fn, ro: Rollout):
+        """``fn(micro-batch)`` over consecutive micro-batches of ``ro``'s rows (each placed over the row axes),
+        the results concatenated along rows."""
+        total = ro.tokens.shape[0]
+        if total <= self.rows:
+            return fn(ro)
+        outs = [fn(self.layout.place_rows(_rows(ro, i, i + self.rows), route_axis))
+                for i in range(0, total, self.rows)]
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outs)
+
+    def _score(self, state, ro: Rollout, *, group: int = 1, layer: int | None = None):
+        """Log-probs of ``ro``'s tokens under ``state`` (replaying the sampler's MoE routing when the run does)."""
         r, t = self.cfg.rollout, self.cfg.train
-        with self.layout.active():
-            logp, _ = score(self.graphdef, state, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
-                            temperature=r.temperature, chunk=t.logprob_chunk, **kwargs)
-        return logp
+
+        def one(part: Rollout):
+            with self.layout.active():
+                logp, _ = score(self.graphdef, state, part.prompt_ids, part.prompt_mask, part.tokens, part.mask,
+                                temperature=r.temperature, chunk=t.logprob_chunk, group=group, layer=layer,
+                                forced_experts=part.experts if r.routing_replay else None)
+            return logp
+
+        return self._per_micro(one, ro)
 
     def old_logp_program(self, state, ro: Rollout):
         """``(jitted function, args, kwargs)`` of the old-log-prob pass over ``ro`` (arrays may be abstract: the
@@ -69,36 +94,50 @@ class Scorer:
                                         chunk=cfg.train.logprob_chunk, group=self.prompt_group,
                                         forced_experts=ro.experts if cfg.rollout.routing_replay else None)
 
+    def old_logp(self, state, ro: Rollout) -> jax.Array:
+        """The sampling policy's log-probs under the trainer's numerics (the sampler's own batch in exact mode)."""
+
+        def one(part: Rollout):
+            fn, args, kwargs = self.old_logp_program(state, part)
+            with self.layout.active():
+                return fn(*args, **kwargs)[0]
+
+        return one(ro) if self.cfg.rollout.consistency == "exact" else self._per_micro(one, ro)
+
     def __call__(self, state, ro: Rollout, *, critic=None, bupo: bool = False) -> Scores:
         """The passes ``state`` (the policy that sampled ``ro``) needs this step; ``critic`` gives values,
         ``bupo`` scores the warm-up's internal layer."""
-        cfg = self.cfg
-        replay = ro.experts if cfg.rollout.routing_replay else None
         scores = Scores(old_logp=None)
         if not self.from_update:
-            fn, args, kwargs = self.old_logp_program(state, ro)
-            with self.layout.active():
-                scores.old_logp, _ = fn(*args, **kwargs)
+            scores.old_logp = self.old_logp(state, ro)
             scores.metrics.update(_mismatch_metrics(ro.logprobs, scores.old_logp, ro.mask))
         scores.metrics.update(self.diagnostics(state, ro))
         if self.ref_state is not None:
             scores.ref_logp = self._score(self.ref_state, ro, group=self.prompt_group)
         if critic is not None:
-            scores.values = critic.values(ro)
+            scores.values = self._per_micro(critic.values, ro)
         if bupo:  # the warm-up's ratio is between internal-layer policies
-            scores.bupo_old_logp = self._score(state, ro, forced_experts=replay, layer=cfg.algorithm.bupo_layer)
+            scores.bupo_old_logp = self._score(state, ro, layer=self.cfg.algorithm.bupo_layer)
         return scores
 
     def diagnostics(self, state, ro: Rollout) -> dict[str, float]:
         """Per-layer read-out entropies (``log.layer_entropy``) and, for MoE models, how often the trainer's own
-        routing agrees with the sampler's."""
+        routing agrees with the sampler's; micro-batch means weighted by their tokens."""
         out: dict[str, float] = {}
-        if self.cfg.log.layer_entropy:
-            ents = layer_entropies(self.graphdef, state, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
-                                   temperature=self.cfg.rollout.temperature, chunk=self.cfg.train.logprob_chunk)
-            out.update({f"layer_entropy/{i}": float(e) for i, e in enumerate(host(ents))})
+        g, cfg = self.graphdef, self.cfg
+
+        def weighted(fn, weight):  # micro-batch means [..., k] -> the mean over every token
+            parts = self._per_micro(lambda p: (fn(p)[None], jnp.asarray(weight(p), jnp.float32)[None]), ro)
+            return host(jnp.tensordot(parts[1], parts[0], axes=1) / jnp.sum(parts[1]))
+
+        if cfg.log.layer_entropy:
+            ents = weighted(lambda p: layer_entropies(g, state, p.prompt_ids, p.prompt_mask, p.tokens, p.mask,
+                                                      temperature=cfg.rollout.temperature,
+                                                      chunk=cfg.train.logprob_chunk), lambda p: p.mask.sum())
+            out.update({f"layer_entropy/{i}": float(e) for i, e in enumerate(ents)})
         if ro.experts is not None:
-            out["routing_agreement"] = float(routing_agreement(self.graphdef, state, ro.prompt_ids, ro.prompt_mask,
-                                                               ro.tokens, ro.mask, ro.experts))
+            out["routing_agreement"] = float(weighted(
+                lambda p: routing_agreement(g, state, p.prompt_ids, p.prompt_mask, p.tokens, p.mask, p.experts),
+                lambda p: p.prompt_mask.sum() + p.mask.sum()))
         return out
 

@@ -14,7 +14,8 @@ from jaxrl_llm.sampling import sequence_logprobs
 from jaxrl_llm.trainer.critic import Critic
 from jaxrl_llm.trainer.experience import CriticTargets
 from jaxrl_llm.trainer.optim import init_opt_state, run_optimizer
-from jaxrl_llm.trainer.packing import packed_rows_multiple, plan_packing, prompt_sharing
+from jaxrl_llm.trainer.packing import packed_rows_multiple, plan_packing
+from jaxrl_llm.trainer.sharing import prompt_sharing
 from jaxrl_llm.trainer.step import Experience, jit_update_step, minibatch_normalizer, split_micro
 
 __all__ = ["Learner", "policy_logprob_fn", "build_update", "micro_shardings"]
