@@ -182,8 +182,8 @@ def test_sampler_and_scorer_compile_alike_on_cpu():
     scorer = score_module._jitted_score().lower(graphdef, state, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
                                                 None, temperature=1.0, chunk=512, layer=None, group=1)
     assert "ynn" not in scorer.compile().as_text()
-    exact = sampler._score_exact.lower(graphdef, state, ids, mask, ro.tokens, ro.mask, n=2, temperature=1.0,
-                                       cache_dtype=sampler.cache_dtype, compute_dtype=None)
+    exact = sampler._score_exact.lower(graphdef, state, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask, n=2,
+                                       temperature=1.0, cache_dtype=sampler.cache_dtype, compute_dtype=None)
     assert "ynn" not in exact.compile().as_text()
 
 
