@@ -22,10 +22,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrl_llm import advantages as A
 from jaxrl_llm import losses as L
-from jaxrl_llm.checkpoint import Checkpointer
-from jaxrl_llm.config import TrainConfig, save_config, validate
+from jaxrl_llm.config import ConfigError, TrainConfig, save_config, validate
 from jaxrl_llm.data import PromptStream, load_rows, tokenize_prompts
 from jaxrl_llm.distributed import gather_blocks, host, owned_rows, rows_on_this_process, sum_blocks
+from jaxrl_llm.errors import Interrupted, blame
 from jaxrl_llm.hardware import peak_tflops
 from jaxrl_llm.losses import exploration as X
 from jaxrl_llm.metrics import mean_pass_at_k
@@ -36,7 +36,10 @@ from jaxrl_llm.sampling import Rollout, Sampler, SamplingParams, mismatch_metric
 from jaxrl_llm.sampling import layer_entropies, routing_agreement, sequence_logprobs
 from jaxrl_llm.tokenizer import load_tokenizer
 from jaxrl_llm.tracking import MetricsLogger, Progress
+from jaxrl_llm.trainer.async_resume import ResumePoint, checkpoint_entries
 from jaxrl_llm.trainer.critic import init_value_head, make_critic_step, token_level_rewards, token_values
+from jaxrl_llm.trainer.guard import StepChecks, check_finite
+from jaxrl_llm.trainer.lifecycle import StopWatch, open_checkpoints
 from jaxrl_llm.trainer.optim import opt_state_shardings, run_optimizer
 from jaxrl_llm.trainer.packing import packed_rows_multiple, plan_packing, prompt_sharing
 from jaxrl_llm.trainer.step import Experience, LossConfig, jit_update_step, minibatch_normalizer, split_micro
@@ -115,7 +118,7 @@ def _split_devices(cfg: TrainConfig, devices: list) -> tuple[list, list]:
     if not k:
         return devices, []
     if not 0 < k < len(devices):
-        raise ValueError(f"rollout.sampler_devices={k} must leave devices for training (there are {len(devices)})")
+        raise ConfigError(f"rollout.sampler_devices={k} must leave devices for training (there are {len(devices)})")
     if jax.process_count() > 1:
         raise ValueError("rollout.sampler_devices (disaggregated sampling) is single-process for now")
     return devices[:-k], devices[-k:]
@@ -145,7 +148,8 @@ class RLTrainer:
         self.devices = devices + sampler_devices
         self.peak_tflops = cfg.log.peak_tflops or peak_tflops(self.devices[0].device_kind)
         model, self.model_cfg = self._load_model()
-        self.tokenizer = load_tokenizer(cfg.model.path)
+        with blame("model.path", cfg.model.path):
+            self.tokenizer = load_tokenizer(cfg.model.path)
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
         a, r, t = cfg.algorithm, cfg.rollout, cfg.train
         self.ref_params = jax.tree.map(jnp.copy, self.params) if a.kl_coef > 0 else None
@@ -188,14 +192,17 @@ class RLTrainer:
         self.critic = self._build_critic() if a.advantage == "gae" else None
         self.old_logp_from_update = self._old_logp_from_update()
         # every process reads only its share of each global batch of prompts (see _rollout)
-        self.stream = PromptStream(load_rows(cfg.data), t.prompts_per_step, seed=cfg.data.seed,
-                                   shuffle=cfg.data.shuffle)
+        with blame("data.path" if cfg.data.path else "data.task_kwargs", cfg.data.path or cfg.data.task_kwargs,
+                   (OSError, ValueError, TypeError)):
+            self.stream = PromptStream(load_rows(cfg.data), t.prompts_per_step, seed=cfg.data.seed,
+                                       shuffle=cfg.data.shuffle)
         self.reward_fns = [(s.name, get_reward(s.name, **s.kwargs), s.weight) for s in cfg.reward.fns]
         self.key = jax.random.key(t.seed)
         self.step = 0
-        self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=cfg.checkpoint.keep,
-                                         async_save=cfg.checkpoint.async_save)
-        if cfg.checkpoint.resume and self.checkpointer.latest_step() is not None:
+        self.checks = StepChecks(cfg)  # divergence and failing rewards, after every step (guard.py)
+        self._resume_point: ResumePoint | None = None  # async: where the rollouts in the making started
+        self.checkpointer = open_checkpoints(cfg)  # resume, refuse or overwrite (lifecycle.py)
+        if self.checkpointer.latest_step() is not None:
             self._restore()
 
     def _check_model_switches(self) -> None:
@@ -225,8 +232,9 @@ class RLTrainer:
     def _load_model(self):
         """The checkpoint at ``model.path``, placed on the mesh with the configured dtypes and remat policy."""
         m = self.cfg.model
-        return load_hf(m.path, mesh=self.mesh, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype],
-                       remat=m.remat)
+        with blame("model.path", m.path):
+            return load_hf(m.path, mesh=self.mesh, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype],
+                           remat=m.remat)
 
     def _optimizer(self, lr: float, params):
         """AdamW with the run's schedule (one update per minibatch) and its state placed on the mesh."""
@@ -266,7 +274,10 @@ class RLTrainer:
                 **({"critic": {"params": self.critic["params"], "opt_state": self.critic["opt_state"]}}
                    if self.critic else {}),
                 **({"entropy_coef": jax.device_put(jnp.asarray(self.entropy_coef, jnp.float32), replicated)}
-                   if self.loss_cfg.entropy_target is not None else {})}
+                   if self.loss_cfg.entropy_target is not None else {}),
+                # async: the data position, key and weights the rollouts in the making started from
+                **(checkpoint_entries(self._resume_point, self.params, replicated)
+                   if self._executor is not None else {})}
 
     def _restore(self) -> None:
         state, meta = self.checkpointer.restore(self._state())
@@ -278,11 +289,22 @@ class RLTrainer:
             self.entropy_coef = float(state["entropy_coef"])
         self.step = int(state["step"])
         self.stream.set_state(meta["data"])
+        if meta.get("pending"):  # async: sample the next step's rollouts from the weights the saved run had used
+            sampler_state = self._sampler_state(nnx.merge_state(state["sampler_params"], self.rest))
+            self._resume_point = ResumePoint.of(self.stream, self.key, sampler_state)
+            self._pending = (self._executor.submit(self._collect, sampler_state) if self.sampler_mesh is not None
+                             else (sampler_state, None))
         if self.is_main:
             print(f"[jaxrl_llm] resumed from step {self.step} in {self.checkpointer.directory}")
 
     def save(self) -> None:
-        self.checkpointer.save(self.step, self._state(), {"data": self.stream.get_state(), "step": self.step})
+        if self.checkpointer.latest_step() == self.step:  # saved already (a resumed run that had finished)
+            return
+        check_finite({"policy": self.params, "critic": self.critic["params"] if self.critic else {}},
+                     f"the checkpoint of step {self.step}")
+        point = self._resume_point
+        meta = {"data": point.data if point else self.stream.get_state(), "step": self.step, "pending": bool(point)}
+        self.checkpointer.save(self.step, self._state(), meta)
 
     def model(self):
         return nnx.merge(self.graphdef, self.params, self.rest)
@@ -290,6 +312,7 @@ class RLTrainer:
     def export_hf(self, path: str | None = None) -> str:
         """Write the policy as a Hugging Face checkpoint (called by every process; process 0 writes)."""
         path = path or os.path.join(self.run_dir, "hf")
+        check_finite(self.params, f"the policy to {path}")
         params = jax.tree.map(host, self.params) if jax.process_count() > 1 else self.params
         if self.is_main:
             save_hf(nnx.merge(self.graphdef, params, self.rest), path, tokenizer=self.tokenizer)
@@ -297,10 +320,10 @@ class RLTrainer:
 
     # ---- one step ----------------------------------------------------------------------------------------
 
-    def _sampler_state(self):
-        """The policy weights as the sampler will read them: resharded onto the sampler's devices in
+    def _sampler_state(self, state=None):
+        """The policy weights (or ``state``) as the sampler will read them: resharded onto the sampler's devices in
         disaggregated mode, and a copy in async mode (the next update donates the live buffers)."""
-        state = nnx.merge_state(self.params, self.rest)
+        state = nnx.merge_state(self.params, self.rest) if state is None else state
         if self.sampler_mesh is not None:
             return jax.device_put(state, NamedSharding(self.sampler_mesh, P()))
         if self._executor is not None:
@@ -322,11 +345,14 @@ class RLTrainer:
             if not stale:
                 self._pending = self._executor.submit(self._collect, self._sampler_state())
             collected = self._pending.result()
-            self._pending = self._executor.submit(self._collect, self._sampler_state())
+            state = self._sampler_state()
+            self._resume_point = ResumePoint.of(self.stream, self.key, state)
+            self._pending = self._executor.submit(self._collect, state)
         else:
             state, first = self._pending if stale else (self._sampler_state(), None)
             collected = self._collect(state, first)
             state = self._sampler_state()
+            self._resume_point = ResumePoint.of(self.stream, self.key, state)
             self._pending = (state, self._executor.submit(self._finish_rollout, self._sample(state)))
         ro, rewards, per_fn, stats, extra = collected
         # updates between the weights that sampled and the weights that train
@@ -368,7 +394,9 @@ class RLTrainer:
         mine = [rows[r // n] for r in owned]
         columns = {k: [row.get(k) for row in mine] for k in mine[0] if k != "prompt"}
         rewards, per_fn, stats = compute_rewards(self.reward_fns, [row["prompt"] for row in mine], completions,
-                                                 columns, timeout=self.cfg.reward.timeout)
+                                                 columns, timeout=self.cfg.reward.timeout,
+                                                 workers=self.cfg.reward.workers,
+                                                 first_errors=self.checks.rewards.first_errors)
         total = len(tokens)
         rewards = gather_blocks(rewards, total)
         per_fn = {k: gather_blocks(v, total) for k, v in per_fn.items()}
@@ -634,22 +662,36 @@ class RLTrainer:
         end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
         if self.is_main:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        # rows of steps after the restored checkpoint (an attempt that got further) are dropped first
         logger = MetricsLogger(self.run_dir, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard,
-                               enabled=self.is_main)
+                               enabled=self.is_main, keep_through=self.step)
         last: dict[str, float] = {}
-        with Progress(cfg.train.steps, f"{cfg.algorithm.name}", enabled=self.is_main and cfg.log.progress,
-                      start=self.step) as bar:
-            while self.step < end:
-                last = self.train_step()
-                logger.log(self.step, last)
-                bar.update(reward=last["reward_mean"], kl=last.get("kl_ref", 0.0),
-                           ent=last.get("entropy", 0.0), tok_s=last["tokens_per_sec"])
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                    self.save()
-        if not cfg.checkpoint.every or self.step % cfg.checkpoint.every:
+        watch = StopWatch(cfg.checkpoint.every, cfg.checkpoint.every_minutes, self.checkpointer)
+        self.checks.start(self.params, self.checkpointer)
+        try:
+            with watch, Progress(cfg.train.steps, f"{cfg.algorithm.name}", start=self.step,
+                                 enabled=self.is_main and cfg.log.progress) as bar:
+                while self.step < end:
+                    last = self.train_step()
+                    problem = self.checks.inspect(self.step, self.params, last)  # diverged, or rewards failing
+                    logger.log(self.step, last)
+                    if problem is not None:
+                        raise problem
+                    bar.update(reward=last["reward_mean"], kl=last.get("kl_ref", 0.0),
+                               ent=last.get("entropy", 0.0), tok_s=last["tokens_per_sec"])
+                    poll = watch.poll(self.step)  # signals, preemption notices, periodic saves
+                    if poll.save:
+                        self.save()
+                        watch.saved()
+                    if poll.stop:
+                        self.checkpointer.wait()
+                        raise Interrupted(f"{poll.stop}: checkpoint of step {self.step} saved in "
+                                          f"{self.checkpointer.directory}; run the same command to resume",
+                                          self.step)
             self.save()
-        self.checkpointer.wait()
-        logger.close()
+            self.checkpointer.wait()
+        finally:
+            logger.close()
         if cfg.checkpoint.export_hf:
             path = self.export_hf()
             if self.is_main:
