@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxrl_llm.errors import UserError
+
 __all__ = ["Checkpointer"]
 
 
@@ -67,11 +69,22 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
         abstract = jax.tree.map(_as_abstract, target)
-        restored = self._manager.restore(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
-        )
+        try:
+            restored = self._manager.restore(
+                int(step),
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
+            )
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as err:  # what orbax raises on a mismatch
+            reason = " ".join(str(err).split())[:300]
+            raise UserError(f"cannot restore step {step} of {self.directory}: it does not fit this run's state "
+                            f"(another model or algorithm wrote it?): {reason}. Set checkpoint.overwrite=true to "
+                            "start afresh, or choose another log.run_dir") from err
         return restored["state"], dict(restored["meta"] or {})
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether every process of a multi-process run reached the step at which to save after a preemption
+        notice (JAX's preemption sync point; always False for a single process). Call at every step."""
+        return bool(self._manager.reached_preemption(int(step)))
 
     def wait(self) -> None:
         """Block until a background save has finished."""

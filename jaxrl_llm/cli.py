@@ -8,6 +8,10 @@
     jaxrl-llm plan --config C --mesh fsdp=8 --accelerator h100        will the run fit? (ahead-of-time memory plan)
 
 Commands import their heavy dependencies lazily so ``jaxrl-llm --help`` is instant.
+
+Exit codes (:mod:`jaxrl_llm.errors`): 0 done, 1 crash (traceback), 2 user error (one line naming the key, file
+or value; ``--debug`` shows the traceback), 3 diverged, 4 reward function failing, 75 interrupted by SIGTERM,
+SIGINT or a preemption notice after saving a checkpoint (the same command resumes).
 """
 from __future__ import annotations
 
@@ -30,18 +34,17 @@ def _train(args) -> int:
 
     # before any JAX backend starts: joins a multi-process run when flags or the environment describe one
     initialize(args.coordinator, args.num_processes, args.process_id, timeout=args.init_timeout)
-    from jaxrl_llm.config import ConfigError, load_config
+    from jaxrl_llm.config import load_config
     from jaxrl_llm.trainer.rl import train
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     metrics = train(cfg)
     import jax
 
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and not metrics:
+        print(f"[jaxrl_llm] nothing to train: the run in {cfg.log.run_dir} had reached train.steps="
+              f"{cfg.train.steps} (raise it to continue, or set checkpoint.overwrite=true to start afresh)")
+    elif jax.process_index() == 0:
         print(json.dumps({k: round(v, 6) for k, v in metrics.items()}, indent=1))
     return 0
 
@@ -72,8 +75,11 @@ def _eval(args) -> int:
     from jaxrl_llm.tasks import ArithTask
     from jaxrl_llm.tokenizer import load_tokenizer
 
-    model, _ = load_hf(args.model)
-    tok = load_tokenizer(args.model)
+    from jaxrl_llm.errors import blame
+
+    with blame("--model", args.model):
+        model, _ = load_hf(args.model)
+        tok = load_tokenizer(args.model)
     task = ArithTask(1, max(args.difficulties), args.num_literals, args.operands)
     problems = {d: task.split("eval", args.problems, seed=args.seed, difficulties=(d,)) for d in args.difficulties}
     table = evaluate_pass_at_k(model, tok, problems, n=args.n, temperature=args.temperature,
@@ -94,14 +100,22 @@ def _plan(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxrl-llm", description="JAX-native reinforcement learning for LLMs.")
+    debug = "show the full traceback of a user error (config, files) or of a stopped run"
+    parser.add_argument("--debug", action="store_true", help=debug)
     sub = parser.add_subparsers(dest="command", required=True)
+    # also accepted after the command; SUPPRESS keeps the main parser's value when it is not given there
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
 
-    p = sub.add_parser("pipeline", help="the main job: SFT -> RL -> eval -> report on the arithmetic task")
+    def add(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    p = add("pipeline", help="the main job: SFT -> RL -> eval -> report on the arithmetic task")
     p.add_argument("--config", default=os.path.join(CONFIGS_DIR, "main.yaml"))
     p.add_argument("overrides", nargs="*", help="key=value overrides of the pipeline config")
     p.set_defaults(func=_pipeline)
 
-    p = sub.add_parser("train", help="RL training from a YAML config")
+    p = add("train", help="RL training from a YAML config")
     p.add_argument("--config", required=True)
     p.add_argument("--coordinator", help="host:port of process 0 for a multi-process run (or JAXRL_COORDINATOR); "
                                          "SLURM and TPU slices are detected without it")
@@ -111,13 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("sft", help="supervised stage of the main job")
+    p = add("sft", help="supervised stage of the main job")
     p.add_argument("--out", required=True, help="directory for the Hugging Face checkpoint")
     p.add_argument("--config", default=os.path.join(CONFIGS_DIR, "main.yaml"))
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=_sft)
 
-    p = sub.add_parser("eval", help="held-out pass@k per difficulty on the arithmetic task")
+    p = add("eval", help="held-out pass@k per difficulty on the arithmetic task")
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (with tokenizer)")
     p.add_argument("--difficulties", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7, 8])
     p.add_argument("--problems", type=int, default=48)
@@ -130,11 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--operands", choices=("any", "literal"), default="any", help="as the pipeline's task.operands")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("demo", help="a short GRPO demonstration on a toy objective")
+    p = add("demo", help="a short GRPO demonstration on a toy objective")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("plan", help="ahead-of-time per-device memory plan of an RL config on a target mesh")
+    p = add("plan", help="ahead-of-time per-device memory plan of an RL config on a target mesh")
     p.add_argument("--config", help="RL config YAML (as for train)")
     p.add_argument("--mesh", help="target mesh, e.g. data=1,fsdp=8,tensor=8 (default: the config's mesh)")
     p.add_argument("--devices", type=int, help="device count of the target (default: the mesh's product)")
@@ -166,9 +180,11 @@ def _compilation_cache() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jaxrl_llm.errors import run_command
+
     args = build_parser().parse_args(argv)
     _compilation_cache()
-    return int(args.func(args) or 0)
+    return run_command(lambda: args.func(args), debug=args.debug)
 
 
 if __name__ == "__main__":

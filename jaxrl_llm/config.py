@@ -28,6 +28,8 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from jaxrl_llm.errors import UserError
+
 __all__ = [
     "TrainConfig", "ModelSection", "DataSection", "RolloutSection", "AlgorithmSection", "TrainSection",
     "MeshSection", "CheckpointSection", "LogSection", "RewardSpec", "RewardSection", "ConfigError",
@@ -59,7 +61,7 @@ LOGICAL_AXES = ("batch", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp
 _CLIPPED_LOSSES = ("ppo_clip", "gspo", "gspo_token", "cispo")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem; the message starts with or names the dotted key."""
 
 
@@ -189,6 +191,11 @@ class TrainSection:
     share_prompts: bool = True
     # in updates that share prompts, pack each group's responses into fewer rows (less padding)
     pack_responses: bool = True
+    # divergence guard (trainer/guard.py): stop after this many consecutive steps with an update skipped as
+    # non-finite (0: never) ...
+    halt_nonfinite_steps: int = 3
+    # ... or at once when one step changes the weights' global norm by more than this fraction of it (0: never)
+    halt_weight_jump: float = 1.0
 
 
 @dataclass
@@ -208,9 +215,14 @@ class CheckpointSection:
     """Orbax checkpoints under ``<log.run_dir>/checkpoints``."""
 
     every: int = 0  # steps between checkpoints (0: only at the end)
+    # and a checkpoint at the end of any step that ends this many minutes or more after the last one (0: off)
+    every_minutes: float = 30.0
     keep: int = 3  # most recent checkpoints kept
     async_save: bool = True  # write in the background
-    resume: bool = True  # continue from the latest checkpoint in the run directory
+    # continue from the latest checkpoint in the run directory; false with checkpoints there is an error
+    resume: bool = True
+    # start afresh: delete the run directory's checkpoints, metrics, TensorBoard events and export first
+    overwrite: bool = False
     export_hf: bool = True  # write the final policy as a Hugging Face checkpoint (<log.run_dir>/hf)
 
 
@@ -238,7 +250,12 @@ class RewardSpec:
 @dataclass
 class RewardSection:
     fns: list[RewardSpec] = field(default_factory=lambda: [RewardSpec(name="task")])
-    timeout: float = 10.0  # seconds per reward function call; a timed-out call scores 0 and is counted
+    timeout: float = 10.0  # seconds a reward function may spend on one item; a timed-out item scores 0
+    workers: int | None = None  # items scored at once (None: the CPU cores this process may use)
+    # stop the run when a reward function fails (raises, times out) on more than this fraction of its items
+    # over the last failure_window steps (1: never)
+    max_failure_frac: float = 0.5
+    failure_window: int = 3
 
 
 @dataclass
@@ -373,8 +390,10 @@ def _parse_override(text: str):
         raise ConfigError(f"overrides must look like section.key=value, got {text!r}")
     try:  # OmegaConf's YAML reading of the value (it knows 1e-3 is a float)
         value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"cannot parse the value of override {text!r}: {err}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        reason = getattr(err, "problem", None) or " ".join(str(err).split())  # yaml's problem, without the marks
+        raise ConfigError(f"cannot parse the value of override {text!r} as YAML ({reason}); quote a string, "
+                          "close brackets: key='[1, 2]'") from None
     return key, value
 
 
@@ -629,12 +648,20 @@ def _check_rest(cfg: TrainConfig) -> None:
     c = cfg.checkpoint
     _require(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}")
     _require(c.every >= 0, "checkpoint.every", f"must be >= 0 (0: only at the end), got {c.every}")
+    _require(c.every_minutes >= 0, "checkpoint.every_minutes", f"must be >= 0 (0: off), got {c.every_minutes}")
+    t = cfg.train
+    _require(t.halt_nonfinite_steps >= 0, "train.halt_nonfinite_steps", f"must be >= 0, got {t.halt_nonfinite_steps}")
+    _require(t.halt_weight_jump >= 0, "train.halt_weight_jump", f"must be >= 0 (0: off), got {t.halt_weight_jump}")
     _require(bool(cfg.log.run_dir), "log.run_dir", "must name a directory")
     peak = cfg.log.peak_tflops
     _require(peak is None or peak > 0, "log.peak_tflops", f"must be > 0 TFLOP/s per device, got {peak}")
     fns = cfg.reward.fns
     _require(len(fns) >= 1, "reward.fns", "at least one reward function is needed")
-    _require(cfg.reward.timeout > 0, "reward.timeout", f"must be > 0 seconds, got {cfg.reward.timeout}")
+    rw = cfg.reward
+    _require(rw.timeout > 0, "reward.timeout", f"must be > 0 seconds, got {rw.timeout}")
+    _require(rw.workers is None or rw.workers >= 1, "reward.workers", f"must be >= 1 or null, got {rw.workers}")
+    _require(0 < rw.max_failure_frac <= 1, "reward.max_failure_frac", f"must be in (0, 1], got {rw.max_failure_frac}")
+    _require(rw.failure_window >= 1, "reward.failure_window", f"must be >= 1, got {rw.failure_window}")
     from jaxrl_llm.rewards import REWARDS  # light: numpy only
 
     for i, spec in enumerate(fns):

@@ -1,7 +1,8 @@
-"""Peak dense bfloat16 FLOP/s of common accelerators, for the MFU estimate in the trainer's metrics."""
+"""Facts about the machine: peak dense bfloat16 FLOP/s of common accelerators (for the MFU estimate in the
+trainer's metrics) and the CPU cores a process may use."""
 from __future__ import annotations
 
-__all__ = ["PEAK_TFLOPS", "peak_tflops"]
+__all__ = ["PEAK_TFLOPS", "peak_tflops", "cpu_cores"]
 
 # per chip / GPU, dense (no sparsity) bfloat16 matmul TFLOP/s from the vendors' data sheets; MFU is quoted against
 # this figure whatever dtype the model computes in, as is customary. Ordered: the first key found in the
@@ -25,3 +26,14 @@ def peak_tflops(device_kind: str) -> float | None:
         if key in kind:
             return value
     return None
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: what a container, ``taskset`` or a scheduler
+    such as SLURM grants it, which can be far fewer than the machine's ``os.cpu_count()``)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity API on this platform
+        return max(1, os.cpu_count() or 1)

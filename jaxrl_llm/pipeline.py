@@ -4,18 +4,28 @@
     -> RL (GRPO preset) on the edge-of-competence difficulties -> held-out eval -> plots and summary.md
 
 Everything runs on the CPU in minutes; the run directory holds every artefact (checkpoints in Hugging Face
-format, metrics JSONL, evaluations, report).
+format, metrics JSONL, evaluations, report). Every stage's config, the RL preset and overrides included, is
+checked before the first stage starts. Running again in the same directory reuses the stages that finished with
+the same settings and resumes an interrupted RL stage (``stages.py``); ``redo=<stage>`` recomputes a stage and
+every later one.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import random
 import time
 from dataclasses import dataclass, field
 
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from jaxrl_llm.config import ConfigError
+
+STAGES = ("sft", "eval_sft", "rl", "eval_rl")
 
 __all__ = ["PipelineConfig", "run_pipeline", "load_pipeline_config", "policy_config", "run_sft_stage",
            "rl_overrides"]
@@ -82,15 +92,101 @@ class PipelineConfig:
     task: TaskSpec = field(default_factory=TaskSpec)
     prompt_len: int = 64
     max_new_tokens: int = 72
+    # recompute this stage and every later one instead of reusing them: sft | eval_sft | rl | eval_rl | all
+    redo: str | None = None
+
+
+def _pipeline_keys(cls=PipelineConfig, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(cls):
+        out.append(prefix + f.name)
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            out += _pipeline_keys(f.default_factory, f"{prefix}{f.name}.")
+    return out
+
+
+def _pipeline_error(err: OmegaConfBaseException, where: str) -> ConfigError:
+    key = str(getattr(err, "full_key", "") or getattr(err, "key", "") or "?")
+    if "not in" in str(err) or "Key '" in str(err):
+        close = difflib.get_close_matches(key, _pipeline_keys(), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        return ConfigError(f"unknown pipeline key {key!r} in {where}{hint} (RL settings go in rl.overrides)")
+    msg = str(getattr(err, "msg", err)).splitlines()[0]
+    return ConfigError(f"invalid value for pipeline key {key!r} in {where}: {msg}")
 
 
 def load_pipeline_config(path: str | None, overrides: list[str]) -> PipelineConfig:
+    """The pipeline config from the defaults, a YAML file and ``key=value`` overrides; raises
+    :class:`ConfigError` (one line naming the key) on an unknown key or a bad value."""
+    from jaxrl_llm.config import _parse_override
+
     cfg = OmegaConf.structured(PipelineConfig)
     if path:
-        cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    return OmegaConf.to_object(cfg)
+        if not os.path.isfile(path):
+            raise ConfigError(f"pipeline config file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                cfg = OmegaConf.merge(cfg, yaml.safe_load(f) or {})
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+        except OmegaConfBaseException as err:
+            raise _pipeline_error(err, path) from None
+    for text in overrides:
+        key, value = _parse_override(text)
+        try:
+            OmegaConf.update(cfg, key, value, merge=True, force_add=False)
+        except OmegaConfBaseException as err:
+            raise _pipeline_error(err, "the command-line overrides") from None
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise _pipeline_error(err, "the merged config") from None
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+def check_pipeline(cfg: PipelineConfig, configs_dir: str):
+    """Every stage's settings, before any stage starts: the pipeline's own values, then the RL stage's config
+    (preset and overrides) loaded and validated against this machine's devices, with a placeholder for the SFT
+    checkpoint that does not exist yet. Returns that RL config."""
+    import jax
+
+    from jaxrl_llm.config import load_config, validate
+    from jaxrl_llm.tasks import ArithTask
+    from jaxrl_llm.tokenizer import build_char_tokenizer
+
+    _require(cfg.redo is None or cfg.redo in STAGES + ("all",), "redo",
+             f"got {cfg.redo!r}; allowed: {', '.join(STAGES + ('all',))}")
+    _require(not os.path.isfile(cfg.run_dir), "run_dir", f"{cfg.run_dir} is a file, not a directory")
+    _require(cfg.task.operands in ("any", "literal"), "task.operands",
+             f"got {cfg.task.operands!r}; allowed: any, literal")
+    for key, value in (("sft.steps", cfg.sft.steps), ("sft.batch_size", cfg.sft.batch_size),
+                       ("eval.problems", cfg.eval.problems), ("eval.n", cfg.eval.n),
+                       ("prompt_len", cfg.prompt_len), ("max_new_tokens", cfg.max_new_tokens)):
+        _require(value >= 1, key, f"must be >= 1, got {value}")
+    for key, values in (("sft.difficulties", cfg.sft.difficulties), ("eval.difficulties", cfg.eval.difficulties),
+                        ("rl.difficulties", cfg.rl.difficulties or [1])):
+        _require(bool(values) and all(1 <= d <= 20 for d in values), key,
+                 f"must be a non-empty list of difficulties in [1, 20], got {values}")
+    _require(1 <= cfg.task.num_literals <= 5, "task.num_literals", f"must be in [1, 5], got {cfg.task.num_literals}")
+    _require(0 <= cfg.rl.edge_low < cfg.rl.edge_high <= 1, "rl.edge_low",
+             f"the band must satisfy 0 <= edge_low < edge_high <= 1, got [{cfg.rl.edge_low}, {cfg.rl.edge_high}]")
+    preset = os.path.join(configs_dir, f"{cfg.rl.preset}.yaml")
+    if not os.path.isfile(preset):
+        names = sorted(f[:-5] for f in os.listdir(configs_dir) if f.endswith(".yaml") and f != "main.yaml")
+        raise ConfigError(f"rl.preset: no preset {cfg.rl.preset!r} in {configs_dir}; allowed: {', '.join(names)}")
+    task = ArithTask(1, max(cfg.eval.difficulties + cfg.sft.difficulties), **dataclasses.asdict(cfg.task))
+    difficulties = cfg.rl.difficulties or [max(cfg.eval.difficulties)]  # the longest prompts the stage could see
+    run_dir = os.path.abspath(cfg.run_dir)
+    try:
+        rl_cfg = load_config(preset, rl_overrides(cfg, task, build_char_tokenizer(), "<the SFT checkpoint>",
+                                                  os.path.join(run_dir, "rl"), difficulties))
+        return validate(rl_cfg, device_count=jax.device_count())
+    except ConfigError as err:
+        raise ConfigError(f"the RL stage (rl.preset={cfg.rl.preset}, rl.overrides): {err}") from None
 
 
 def _say(msg: str) -> None:
@@ -156,58 +252,102 @@ def rl_overrides(cfg: PipelineConfig, task, tok, sft_dir: str, rl_dir: str, diff
             f"rollout.max_new_tokens={max_new}", f"algorithm.overlong_cache={cache}", f"data.seed={cfg.seed}",
             f"train.seed={cfg.seed}", "data.task_kwargs=" + json.dumps(
                 {"difficulties": list(difficulties), "max_ops": max(difficulties), "num_problems": 20000,
-                 **dataclasses.asdict(cfg.task)}), "checkpoint.resume=false", *cfg.rl.overrides]
+                 **dataclasses.asdict(cfg.task)}), *cfg.rl.overrides]
+
+
+def _sft_losses(run_dir: str) -> list[float]:
+    from jaxrl_llm.tracking import read_jsonl
+
+    path = os.path.join(run_dir, "sft_metrics.jsonl")
+    return [r["sft_loss"] for r in read_jsonl(path)] if os.path.exists(path) else [float("nan")]
+
+
+def _evaluate(cfg: PipelineConfig, policy, tok, problems: dict, run_dir: str, label: str) -> dict:
+    from jaxrl_llm.evaluate import evaluate_pass_at_k
+
+    t0 = time.perf_counter()
+    table = evaluate_pass_at_k(policy, tok, problems, n=cfg.eval.n, temperature=cfg.eval.temperature,
+                               max_new_tokens=cfg.max_new_tokens, prompt_len=cfg.prompt_len, seed=cfg.seed)
+    row = "  ".join(f"d{d}:{r['pass@1']:.2f}/{r.get('pass@16', float('nan')):.2f}" for d, r in table.items())
+    _say(f"    {label} pass@1/pass@16 per difficulty: {row}  ({time.perf_counter() - t0:.0f}s)")
+    with open(os.path.join(run_dir, f"eval_{label}.json"), "w", encoding="utf-8") as f:
+        json.dump(table, f, indent=1)
+    return table
+
+
+def _eval_stage(log, stage: str, cfg: PipelineConfig, load_policy, tok, problems, run_dir: str) -> dict:
+    """The evaluation table of ``stage`` (eval_sft / eval_rl), reused from its JSON file when it can be."""
+    label = stage.split("_")[1]
+    path = os.path.join(run_dir, f"eval_{label}.json")
+    settings = [dataclasses.asdict(cfg.eval), cfg.seed, cfg.prompt_len, cfg.max_new_tokens]
+    if log.decide(stage, settings) == "reuse" and os.path.exists(path):
+        _say(f"    reusing {path}")
+        with open(path, encoding="utf-8") as f:
+            return {int(d): r for d, r in json.load(f).items()}
+    table = _evaluate(cfg, load_policy(), tok, problems, run_dir, label)
+    log.done(stage)
+    return table
 
 
 def run_pipeline(cfg: PipelineConfig, configs_dir: str) -> str:
     from jaxrl_llm.config import load_config
-    from jaxrl_llm.evaluate import evaluate_pass_at_k
+    from jaxrl_llm.models import load_hf
     from jaxrl_llm.report import write_report
+    from jaxrl_llm.stages import StageLog
     from jaxrl_llm.tasks import ArithTask
     from jaxrl_llm.tokenizer import build_char_tokenizer
     from jaxrl_llm.tracking import read_jsonl
     from jaxrl_llm.trainer.rl import train
 
     start = time.perf_counter()
+    check_pipeline(cfg, configs_dir)  # every stage's config, before the first stage starts
     run_dir = os.path.abspath(cfg.run_dir)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "pipeline.yaml"), "w", encoding="utf-8") as f:
         f.write(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    log = StageLog(run_dir, STAGES, cfg.redo)
     task = ArithTask(1, max(cfg.eval.difficulties + cfg.sft.difficulties), **dataclasses.asdict(cfg.task))
     tok = build_char_tokenizer()
     mcfg = policy_config(cfg, tok)
+    sft_dir, rl_dir = os.path.join(run_dir, "sft"), os.path.join(run_dir, "rl")
     _say(f"1/5 SFT: Qwen3-style policy with {mcfg.num_params():,} parameters on difficulties "
          f"{cfg.sft.difficulties} ({cfg.sft.steps} steps x {cfg.sft.batch_size} worked solutions)")
-    sft_dir = os.path.join(run_dir, "sft")
-    model, losses = run_sft_stage(cfg, task, tok, sft_dir, run_dir)
+    model = None
+    sft_settings = [cfg.seed, dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.sft), dataclasses.asdict(cfg.task)]
+    if log.decide("sft", sft_settings) == "reuse" and os.path.isfile(os.path.join(sft_dir, "config.json")):
+        _say(f"    reusing the SFT checkpoint in {sft_dir} (redo=sft recomputes it)")
+        losses = _sft_losses(run_dir)
+    else:
+        model, losses = run_sft_stage(cfg, task, tok, sft_dir, run_dir)
+        log.done("sft")
     _say(f"    SFT loss {losses[0]:.3f} -> {losses[-1]:.3f}; checkpoint: {sft_dir}")
 
     eval_problems = {d: task.split("eval", cfg.eval.problems, seed=cfg.seed, difficulties=(d,))
                      for d in cfg.eval.difficulties}
-
-    def evaluate(policy, label):
-        t0 = time.perf_counter()
-        table = evaluate_pass_at_k(policy, tok, eval_problems, n=cfg.eval.n, temperature=cfg.eval.temperature,
-                                   max_new_tokens=cfg.max_new_tokens, prompt_len=cfg.prompt_len, seed=cfg.seed)
-        row = "  ".join(f"d{d}:{r['pass@1']:.2f}/{r.get('pass@16', float('nan')):.2f}" for d, r in table.items())
-        _say(f"    {label} pass@1/pass@16 per difficulty: {row}  ({time.perf_counter() - t0:.0f}s)")
-        with open(os.path.join(run_dir, f"eval_{label}.json"), "w", encoding="utf-8") as f:
-            json.dump(table, f, indent=1)
-        return table
-
     _say("2/5 evaluating the SFT policy on held-out problems")
-    before = evaluate(model, "sft")
+    before = _eval_stage(log, "eval_sft", cfg, lambda: model if model is not None else load_hf(sft_dir)[0], tok,
+                         eval_problems, run_dir)
     difficulties = list(cfg.rl.difficulties) or _edge(before, cfg.rl.edge_low, cfg.rl.edge_high)
     if not difficulties:  # nothing in the band: take the difficulty closest to pass@1 = 0.5
         difficulties = [min(before, key=lambda d: abs(before[d]["pass@1"] - 0.5))]
     _say(f"3/5 RL ({cfg.rl.preset}) on the edge of competence: difficulties {difficulties}")
-    rl_cfg = load_config(os.path.join(configs_dir, f"{cfg.rl.preset}.yaml"),
-                         rl_overrides(cfg, task, tok, sft_dir, os.path.join(run_dir, "rl"), difficulties))
-    _, policy = train(rl_cfg, return_model=True)
+    overrides = rl_overrides(cfg, task, tok, sft_dir, rl_dir, difficulties)
+    decision = log.decide("rl", [overrides, cfg.rl.preset])
+    if decision == "fresh":  # checkpoints of another SFT policy or other settings: start over
+        overrides.append("checkpoint.overwrite=true")
+    rl_cfg = load_config(os.path.join(configs_dir, f"{cfg.rl.preset}.yaml"), overrides)
+    policy = None
+    if decision == "reuse" and os.path.isfile(os.path.join(rl_dir, "hf", "config.json")):
+        _say(f"    reusing the RL policy in {rl_dir}/hf (redo=rl recomputes it)")
+    else:
+        _, policy = train(rl_cfg, return_model=True)
+        log.done("rl")
     _say("4/5 evaluating the RL policy on held-out problems")
-    after = evaluate(policy, "rl")
+    after = _eval_stage(log, "eval_rl", cfg,
+                        lambda: policy if policy is not None else load_hf(os.path.join(rl_dir, "hf"))[0], tok,
+                        eval_problems, run_dir)
     _say("5/5 writing the report")
-    rows = read_jsonl(os.path.join(run_dir, "rl", "metrics.jsonl"))
+    rows = read_jsonl(os.path.join(rl_dir, "metrics.jsonl"))
     notes = {
         "model": f"Qwen3-style decoder, {mcfg.num_params():,} parameters, char tokenizer ({len(tok)} tokens)",
         "SFT": f"{cfg.sft.steps} steps on difficulties {cfg.sft.difficulties} (slip rate {cfg.sft.slip_rate}), "

@@ -69,7 +69,9 @@ def run_sft(model: Decoder, tokenizer, examples: Iterator[tuple[str, str]], *, s
                                weight_decay=weight_decay, b2=0.98, grad_clip=1.0, final_lr_ratio=0.1)
     opt_state = optimizer.init(params)
     step_fn = make_sft_step(graphdef, optimizer)
-    logger = MetricsLogger(run_dir, filename="sft_metrics.jsonl", tensorboard=False) if run_dir else None
+    # a new SFT run: rows of an earlier one in the same directory are dropped
+    logger = MetricsLogger(run_dir, filename="sft_metrics.jsonl", tensorboard=False, keep_through=-1) \
+        if run_dir else None
     losses = []
     shown = 0  # steps already counted by the progress bar
     start = time.perf_counter()

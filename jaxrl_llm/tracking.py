@@ -11,14 +11,20 @@ import os
 import time
 from collections.abc import Mapping
 
-__all__ = ["MetricsLogger", "Progress", "read_jsonl"]
+__all__ = ["MetricsLogger", "Progress", "read_jsonl", "truncate_after"]
 
 
 class MetricsLogger:
-    """Appends one JSON object per call to ``<run_dir>/metrics.jsonl`` and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per call to ``<run_dir>/metrics.jsonl`` and mirrors scalars to TensorBoard.
+
+    ``keep_through``: the step the run continues from (the restored checkpoint's, 0 for a fresh start). Rows of
+    later steps, written by an earlier attempt that got further than its last checkpoint, are dropped from the
+    file before anything new is written (and TensorBoard purges its events after that step), so every step has
+    exactly one row. ``None`` keeps the file as it is.
+    """
 
     def __init__(self, run_dir: str, *, jsonl: bool = True, tensorboard: bool = True, enabled: bool = True,
-                 filename: str = "metrics.jsonl"):
+                 filename: str = "metrics.jsonl", keep_through: int | None = None):
         self.enabled = enabled
         self.run_dir = run_dir
         self._jsonl = None
@@ -26,12 +32,16 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
+        path = os.path.join(run_dir, filename)
         if jsonl:
-            self._jsonl = open(os.path.join(run_dir, filename), "a", encoding="utf-8")
+            if keep_through is not None:
+                truncate_after(path, keep_through)
+            self._jsonl = open(path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            purge = None if keep_through is None else keep_through + 1
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -87,6 +97,32 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def truncate_after(path: str, step: int) -> int:
+    """Drop the rows of ``path`` whose step is greater than ``step`` (and a torn last line, as a kill in the middle
+    of a write leaves); returns how many rows were dropped. The file is replaced atomically, so a crash here
+    leaves either the old or the new file."""
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += bool(line.strip())
+                continue
+            if isinstance(row, dict) and int(row.get("step", 0)) > step:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return dropped
 
 
 def read_jsonl(path: str) -> list[dict]:

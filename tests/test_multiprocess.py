@@ -95,3 +95,42 @@ def test_unreachable_coordinator_fails_with_a_clear_error(tiny_model_dir, tmp_pa
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "could not join the distributed run" in proc.stderr
+
+
+def test_a_preemption_notice_to_one_process_stops_all_at_the_same_saved_step(tiny_model_dir, tmp_path):
+    # SIGTERM is how TPU and cluster schedulers announce an eviction; JAX's preemption service carries the notice
+    # to every process, and all save the same step and exit with 75
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    overrides = _overrides(tiny_model_dir, tmp_path, steps=200)
+    procs = []
+    for rank in range(2):
+        penv = dict(env, JAXRL_COORDINATOR=f"127.0.0.1:{port}", JAXRL_NUM_PROCESSES="2", JAXRL_PROCESS_ID=str(rank),
+                    JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONPATH=REPO)
+        procs.append(subprocess.Popen([sys.executable, "-m", "jaxrl_llm.cli", "train", "--config",
+                                       os.path.join(REPO, "configs", "grpo.yaml"), *overrides], env=penv,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    metrics = tmp_path / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+            if metrics.exists() and metrics.read_text().count("\n") >= 1:
+                break
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)  # not process 0: the notice must reach the others
+        errs = [p.communicate(timeout=400)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    steps = [r["step"] for r in read_jsonl(metrics)]
+    for p, err in zip(procs, errs):
+        assert p.returncode == 75, err[-3000:]
+        assert f"preemption notice: checkpoint of step {steps[-1]} saved" in err.splitlines()[-1]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) < 200
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())[-1] == steps[-1]

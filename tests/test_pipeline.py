@@ -50,3 +50,38 @@ def test_pipeline_end_to_end_writes_the_report(tmp_path):
     assert os.path.isfile(tmp_path / "sft" / "config.json") and os.path.isfile(tmp_path / "rl" / "hf" / "config.json")
     text = open(path).read()
     assert "| pass@1 |" in text
+
+
+@pytest.mark.slow
+def test_pipeline_rerun_reuses_finished_stages_and_recomputes_what_changed(tmp_path):
+    from jaxrl_llm.pipeline import load_pipeline_config, run_pipeline
+    from jaxrl_llm.tracking import read_jsonl
+
+    def cfg(steps, *extra):
+        return load_pipeline_config(os.path.join(CONFIGS, "main.yaml"), [
+            f"run_dir={tmp_path}", "model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=64",
+            "sft.steps=5", "sft.batch_size=8", "sft.difficulties=[1,2]", "eval.difficulties=[1,2]",
+            "eval.problems=4", "eval.n=4", f"rl.overrides=[train.steps={steps},train.prompts_per_step=4,rollout.n=4,"
+            "train.micro_batch_size=8,log.progress=false]", *extra])
+
+    def stamps():
+        files = ["sft/model.safetensors", "eval_sft.json", "rl/hf/model.safetensors", "eval_rl.json"]
+        return {f: os.stat(tmp_path / f).st_mtime_ns for f in files}
+
+    def steps():
+        return [r["step"] for r in read_jsonl(tmp_path / "rl" / "metrics.jsonl")]
+
+    run_pipeline(cfg(2), CONFIGS)
+    first = stamps()
+    run_pipeline(cfg(2), CONFIGS)  # the same job again: every stage reused, nothing rewritten
+    assert stamps() == first and steps() == [1, 2]
+    run_pipeline(cfg(3), CONFIGS)  # other RL settings: SFT and its evaluation reused, RL and later recomputed
+    again = stamps()
+    assert again["sft/model.safetensors"] == first["sft/model.safetensors"]
+    assert again["eval_sft.json"] == first["eval_sft.json"]
+    assert again["rl/hf/model.safetensors"] != first["rl/hf/model.safetensors"]
+    assert steps() == [1, 2, 3]  # started afresh: no rows of the earlier RL run
+    run_pipeline(cfg(3, "redo=eval_rl"), CONFIGS)
+    last = stamps()
+    assert last["eval_rl.json"] != again["eval_rl.json"] and last["rl/hf/model.safetensors"] == again[
+        "rl/hf/model.safetensors"]

@@ -1,7 +1,7 @@
 import math
 import os
 
-from jaxrl_llm.tracking import MetricsLogger, Progress, read_jsonl
+from jaxrl_llm.tracking import MetricsLogger, Progress, read_jsonl, truncate_after
 
 
 def test_jsonl_and_tensorboard(tmp_path):
@@ -24,3 +24,20 @@ def test_disabled_logger_writes_nothing(tmp_path):
     assert not os.path.exists(tmp_path / "run")
     with Progress(3, "x", enabled=False) as bar:
         bar.update(reward=math.pi)
+
+
+def test_a_resumed_logger_drops_the_rows_after_the_restored_step(tmp_path):
+    logger = MetricsLogger(str(tmp_path), tensorboard=False)
+    for step in (1, 2, 3):
+        logger.log(step, {"reward": float(step)})
+    logger.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "rew')  # a write cut by a kill
+    logger = MetricsLogger(str(tmp_path), tensorboard=False, keep_through=2)  # resumed from step 2
+    logger.log(3, {"reward": 30.0})
+    logger.close()
+    rows = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+    assert [(r["step"], r["reward"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert truncate_after(os.path.join(tmp_path, "metrics.jsonl"), 0) == 3
+    assert read_jsonl(os.path.join(tmp_path, "metrics.jsonl")) == []
+    assert truncate_after(os.path.join(tmp_path, "missing.jsonl"), 0) == 0

@@ -192,10 +192,10 @@ def test_bad_input(tiny_model_dir, tmp_path):
 
     @register_reward("wrong_length_for_test")
     def _factory():
-        return lambda prompts, completions, **_: [0.0]
+        return lambda prompts, completions, **_: []
 
     trainer = RLTrainer(_cfg(tiny_model_dir, tmp_path / "t", None, "reward.fns=[{name: wrong_length_for_test}]"))
-    with pytest.raises(ValueError, match="'wrong_length_for_test' returned 1 scores for 16"):
+    with pytest.raises(ValueError, match="'wrong_length_for_test' returned 0 scores for 1 completions"):
         trainer.train()
     trainer.close()
 

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 import grain
 import numpy as np
 
+from jaxrl_llm.errors import DataError
+
 __all__ = ["read_jsonl", "read_parquet", "from_generator", "PromptStream", "tokenize_prompts", "load_rows"]
 
 
@@ -110,8 +112,8 @@ def tokenize_prompts(tokenizer, prompts: list[str], max_len: int, *, chat_templa
     mask = np.zeros((len(texts), max_len), bool)
     for i, row in enumerate(encoded):
         if len(row) > max_len:
-            raise ValueError(f"prompt {i} has {len(row)} tokens, more than data.max_prompt_tokens={max_len}: "
-                             f"{prompts[i][:80]!r}")
+            raise DataError(f"prompt {i} has {len(row)} tokens, more than data.max_prompt_tokens={max_len}: "
+                            f"{prompts[i][:80]!r}")
         if not row:
             raise ValueError(f"prompt {i} is empty")
         ids[i, max_len - len(row):] = row

@@ -2,9 +2,10 @@
 
 A reward function is any callable ``fn(prompts, completions, **columns) -> list[float]`` with one score per
 completion; ``columns`` are the data set's other columns (``answer``, ...) repeated per completion. A function
-that declares no ``**kwargs`` receives only the columns it names. :func:`compute_rewards` runs every function
-with a deadline, scores a function that raises or times out as 0 for the batch (counted in the returned
-statistics), and rejects a function that returns the wrong number of scores, naming it.
+that declares no ``**kwargs`` receives only the columns it names. :func:`compute_rewards` calls every function
+item by item with a time limit per item, scores an item that raises or times out as 0 (counted in the returned
+statistics, the first traceback kept), and rejects a function that returns the wrong number of scores, naming
+it.
 """
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ import importlib
 import inspect
 import logging
 import math
-import threading
-import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from jaxrl_llm.hardware import cpu_cores
+from jaxrl_llm.rewards.calls import Call, run_calls
 
 __all__ = ["RewardFn", "REWARDS", "register_reward", "get_reward", "build_rewards", "compute_rewards",
            "STAT_KEYS"]
@@ -33,8 +36,10 @@ STAT_KEYS = ("reward_errors", "reward_timeouts", "reward_item_errors", "reward_i
 class RewardFn(Protocol):
     """``fn(prompts, completions, **columns) -> Sequence[float]`` (synchronous, one score per completion).
 
+    It is called with one item at a time, unless ``fn.batched`` is true: then it gets the whole batch and must
+    bound the time of each item itself (a verifier with its own per-item timeouts, a batched reward model).
     Optionally ``fn.pop_stats() -> {"errors": int, "timeouts": int}`` reports items the function itself gave up
-    on since the previous call (e.g. a verifier that times out single answers); they are added to the metrics.
+    on since the previous call (e.g. a verifier that times out single answers); they count as failed items.
     """
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Sequence[Any]
@@ -103,27 +108,6 @@ def _columns_for(fn, columns: Mapping[str, Sequence]) -> dict[str, list]:
     return {k: list(v) for k, v in columns.items() if k in names}
 
 
-class _Call:
-    """One reward call on a daemon thread. A daemon thread, unlike a ThreadPoolExecutor worker, does not hold
-    up interpreter exit when a reward function hangs forever; it cannot be killed, only abandoned."""
-
-    def __init__(self, fn, args, kwargs):
-        self.result = None
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(fn, args, kwargs), daemon=True,
-                                        name="reward-call")
-        self._thread.start()
-
-    def _run(self, fn, args, kwargs):
-        try:
-            self.result = fn(*args, **kwargs)
-        except BaseException as err:  # reported to the caller, never raised on this thread
-            self.error = err
-        finally:
-            self.done.set()
-
-
 _warned: dict[str, int] = {}
 
 
@@ -135,22 +119,81 @@ def _warn(name: str, what: str, err: BaseException | None = None) -> None:
                     exc_info=err if count == 0 and err is not None else None)
 
 
+def _calls_of(fn, prompts: list, completions: list, columns: dict, timeout: float | None) -> list[Call]:
+    """One call per item, or one for the whole batch when ``fn.batched`` (a function that bounds the time of
+    each item itself, like :class:`MathVerifier`; it gets ``timeout`` per item, summed, as a safety net)."""
+    if getattr(fn, "batched", False):
+        limit = None if timeout is None else timeout * max(len(completions), 1)
+        return [Call(fn, (prompts, completions), columns, limit)]
+    return [Call(fn, ([p], [c]), {k: [v[i]] for k, v in columns.items()}, timeout)
+            for i, (p, c) in enumerate(zip(prompts, completions))]
+
+
+def _scores_of(name: str, fn, calls: list[Call], n: int, timeout, stats: dict, first_errors: dict | None):
+    """Scores ``[n]`` (0 for failed items) and the number of failed items, from ``fn``'s finished calls."""
+    scores = np.zeros(n)
+    failed = 0
+    size = n if len(calls) == 1 and getattr(fn, "batched", False) else 1
+    for i, call in enumerate(calls):
+        part = slice(i * size, (i + 1) * size)
+        if call.status == "ok":
+            got = _as_scores(name, call.result, size)
+            bad = ~np.isfinite(got)
+            if bad.any():
+                stats["reward_item_errors"] += float(bad.sum())
+                failed += int(bad.sum())
+                _warn(name, f"returned {int(bad.sum())} non-finite score(s); scored 0")
+                if first_errors is not None:
+                    first_errors.setdefault(name, f"returned a non-finite score for {_item(call)}")
+            scores[part] = np.where(bad, 0.0, got)
+            continue
+        failed += size
+        key = "reward_timeouts" if size > 1 else "reward_item_timeouts"
+        if call.status == "error":
+            key = "reward_errors" if size > 1 else "reward_item_errors"
+            _warn(name, "raised; scored 0", call.error)
+            text = "".join(traceback.format_exception(call.error))
+        else:
+            _warn(name, f"took more than {call.limit:g} s; scored 0")
+            text = f"took more than {call.limit:g} s (reward.timeout={timeout:g} per item) on {_item(call)}\n"
+        stats[key] += 1.0
+        if first_errors is not None:
+            first_errors.setdefault(name, text)
+    pop = getattr(fn, "pop_stats", None)
+    if callable(pop) and all(c.status == "ok" for c in calls):
+        item = pop()
+        stats["reward_item_errors"] += float(item.get("errors", 0))
+        stats["reward_item_timeouts"] += float(item.get("timeouts", 0))
+        failed += int(item.get("errors", 0)) + int(item.get("timeouts", 0))
+    return scores, failed
+
+
+def _item(call: Call) -> str:
+    completions = call.args[1]
+    return (f"completion {completions[0][:120]!r}" if len(completions) == 1
+            else f"a batch of {len(completions)} completions")
+
+
 def compute_rewards(fns: Sequence[tuple[str, Callable, float]], prompts: Sequence[str],
                     completions: Sequence[str], columns: Mapping[str, Sequence] | None = None, *,
-                    timeout: float | None = 10.0):
+                    timeout: float | None = 10.0, workers: int | None = None, first_errors: dict | None = None):
     """Weighted sum of reward functions ``[(name, fn, weight), ...]`` on ``N`` completions.
 
-    ``r_i = sum_f w_f * s_f(i)``. All functions run concurrently and share one deadline ``timeout`` seconds
-    after the call starts (``None``: no deadline). A function that raises or misses the deadline scores 0 on
-    the whole batch; its thread cannot be killed and is abandoned (its late result is ignored).
+    ``r_i = sum_f w_f * s_f(i)``. Each function is called on one item at a time (``fn([prompt], [completion],
+    **{column: [value]})``), on ``workers`` threads (default: the CPU cores available) shared by all functions,
+    and each item may take ``timeout`` seconds from its own start (``None``: no limit). An item that raises,
+    times out or scores a non-finite value scores 0 and is counted; the others keep their scores. A function
+    with ``fn.batched = True`` is called once on the whole batch instead (it bounds each item's time itself).
+    ``first_errors`` (a dict) receives the traceback of each function's first failure, by name.
 
-    Returns ``(rewards float32 [N], per_fn {name: float32 [N]}, stats)`` where ``stats`` holds
-    ``reward_errors`` / ``reward_timeouts`` (calls that raised / timed out) and ``reward_item_errors`` /
-    ``reward_item_timeouts`` (single scores zeroed: non-finite values, and items a function reported via
-    ``pop_stats``).
+    Returns ``(rewards float32 [N], per_fn {name: float32 [N]}, stats)``. ``stats`` holds ``reward_items``
+    (``N``), ``reward_failed/<name>`` (items of that function that scored 0 because they failed),
+    ``reward_item_errors`` / ``reward_item_timeouts`` (items that raised or scored non-finite / timed out, with
+    those a batched function reports through ``pop_stats``) and ``reward_errors`` / ``reward_timeouts``
+    (whole-batch calls of batched functions that raised / timed out).
 
-    Raises ``ValueError`` naming the function when it returns a number of scores other than ``N`` or values
-    that are not numbers, and naming the column when a column's length is not ``N``.
+    Raises ``ValueError`` naming the function when a call returns a number of scores other than its number of
+    items or values that are not numbers, and naming the column when a column's length is not ``N``.
     """
     columns = dict(columns or {})
     n = len(completions)
@@ -169,34 +212,16 @@ def compute_rewards(fns: Sequence[tuple[str, Callable, float]], prompts: Sequenc
             raise ValueError(f"reward {name!r} has a non-finite weight {weight}")
 
     prompts, completions = list(prompts), list(completions)
-    calls = [_Call(fn, (prompts, completions), _columns_for(fn, columns)) for _, fn, _ in fns]
-    deadline = None if timeout is None else time.monotonic() + timeout
+    calls = {name: _calls_of(fn, prompts, completions, _columns_for(fn, columns), timeout) for name, fn, _ in fns}
+    run_calls([c for cs in calls.values() for c in cs], workers or cpu_cores())
 
     total = np.zeros(n, np.float64)
     per_fn: dict[str, np.ndarray] = {}
     stats = dict.fromkeys(STAT_KEYS, 0.0)
-    for (name, fn, weight), call in zip(fns, calls):
-        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        if not call.done.wait(left):
-            stats["reward_timeouts"] += 1
-            _warn(name, f"timed out after {timeout} s; scored 0")
-            scores = np.zeros(n)
-        elif call.error is not None:
-            stats["reward_errors"] += 1
-            _warn(name, "raised; scored 0", call.error)
-            scores = np.zeros(n)
-        else:
-            scores = _as_scores(name, call.result, n)
-            bad = ~np.isfinite(scores)
-            if bad.any():
-                stats["reward_item_errors"] += float(bad.sum())
-                _warn(name, f"returned {int(bad.sum())} non-finite score(s); scored 0")
-                scores = np.where(bad, 0.0, scores)
-        pop = getattr(fn, "pop_stats", None)
-        if callable(pop) and call.done.is_set():
-            item = pop()
-            stats["reward_item_errors"] += float(item.get("errors", 0))
-            stats["reward_item_timeouts"] += float(item.get("timeouts", 0))
+    stats["reward_items"] = float(n)
+    for name, fn, weight in fns:
+        scores, failed = _scores_of(name, fn, calls[name], n, timeout, stats, first_errors)
+        stats[f"reward_failed/{name}"] = float(failed)
         per_fn[name] = scores.astype(np.float32)
         total += float(weight) * scores
     return total.astype(np.float32), per_fn, stats

@@ -22,6 +22,8 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 
+from jaxrl_llm.hardware import cpu_cores
+
 __all__ = ["MathVerifier", "TimedProcessPool", "verify_answer"]
 
 _STARTED = None  # in a worker: queue on which it announces (tag, start time) of each item
@@ -49,7 +51,7 @@ class TimedProcessPool:
     """
 
     def __init__(self, workers: int | None = None, item_timeout: float = 5.0, warm: Sequence[str] = ()):
-        workers = min(4, os.cpu_count() or 1) if workers is None else workers
+        workers = cpu_cores() if workers is None else workers
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if not item_timeout > 0:
@@ -215,13 +217,15 @@ class MathVerifier:
     """Reward function ``fn(prompts, completions, answer=...) -> scores`` checking answers with math-verify.
 
     Args:
-      workers: worker processes (default ``min(4, cpu_count)``).
+      workers: worker processes (default: the CPU cores this process may use, ``os.sched_getaffinity``).
       item_timeout: seconds an item may run before it scores 0 and its worker is killed.
       answer_key: the column holding the reference answers.
 
     Items that time out, or whose reference cannot be parsed, score 0; :meth:`pop_stats` reports their counts
     since the previous call. The pool starts lazily and is reused; :meth:`close` (or ``with``) stops it.
     """
+
+    batched = True  # one call per batch: the pool parallelises the items and bounds each one's time itself
 
     def __init__(self, workers: int | None = None, item_timeout: float = 5.0, answer_key: str = "answer"):
         self.pool = TimedProcessPool(workers, item_timeout, warm=("math_verify",))

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrl_llm.checkpoint import Checkpointer
-from jaxrl_llm.config import TrainConfig, mesh_sizes, save_config, validate
+from jaxrl_llm.config import ConfigError, TrainConfig, mesh_sizes, save_config, validate
 from jaxrl_llm.data import PromptStream, load_rows
 from jaxrl_llm.distributed import host
+from jaxrl_llm.errors import Interrupted, blame
 from jaxrl_llm.hardware import peak_tflops
 from jaxrl_llm.models import load_hf, save_hf
 from jaxrl_llm.parallel import Layout, make_mesh, merge_rules
@@ -30,7 +30,10 @@ from jaxrl_llm.rewards import get_reward
 from jaxrl_llm.sampling import Sampler
 from jaxrl_llm.tokenizer import load_tokenizer
 from jaxrl_llm.tracking import MetricsLogger, Progress
+from jaxrl_llm.trainer.async_resume import checkpoint_entries
 from jaxrl_llm.trainer.experience import make_experience
+from jaxrl_llm.trainer.guard import StepChecks, check_finite
+from jaxrl_llm.trainer.lifecycle import StopWatch, open_checkpoints
 from jaxrl_llm.trainer.metrics import rollout_metrics, throughput
 from jaxrl_llm.trainer.rollout import RolloutEngine, RolloutWorker, sampling_params, trim_responses
 from jaxrl_llm.trainer.scoring import Scorer
@@ -48,7 +51,7 @@ def _split_devices(cfg: TrainConfig, devices: list) -> tuple[list, list]:
     if not k:
         return devices, []
     if not 0 < k < len(devices):
-        raise ValueError(f"rollout.sampler_devices={k} must leave devices for training (there are {len(devices)})")
+        raise ConfigError(f"rollout.sampler_devices={k} must leave devices for training (there are {len(devices)})")
     if jax.process_count() > 1:
         raise ValueError("rollout.sampler_devices (disaggregated sampling) is single-process for now")
     return devices[:-k], devices[-k:]
@@ -91,7 +94,8 @@ class RLTrainer:
         self.peak_tflops = cfg.log.peak_tflops or peak_tflops(self.devices[0].device_kind)
         model, self.model_cfg = self._load_model()
         _check_model_switches(cfg, self.model_cfg)
-        self.tokenizer = load_tokenizer(cfg.model.path)
+        with blame("model.path", cfg.model.path):
+            self.tokenizer = load_tokenizer(cfg.model.path)
         self.sampler = sampler = make_sampler(cfg, model)
         self.learner = Learner(cfg, model, self.layout,
                                critic_trunk=self._load_model()[0] if a.advantage == "gae" else None)
@@ -99,23 +103,27 @@ class RLTrainer:
                      if a.kl_coef > 0 else None)
         self.scorer = Scorer(cfg, self.learner.graphdef, sampler, self.layout, ref_state=ref_state)
         # every process reads only its share of each global batch of prompts (RolloutWorker.sample)
-        stream = PromptStream(load_rows(cfg.data), cfg.train.prompts_per_step, seed=cfg.data.seed,
-                              shuffle=cfg.data.shuffle)
+        with blame("data.path" if cfg.data.path else "data.task_kwargs", cfg.data.path or cfg.data.task_kwargs,
+                   (OSError, ValueError, TypeError)):
+            stream = PromptStream(load_rows(cfg.data), cfg.train.prompts_per_step, seed=cfg.data.seed,
+                                  shuffle=cfg.data.shuffle)
         reward_fns = [(s.name, get_reward(s.name, **s.kwargs), s.weight) for s in cfg.reward.fns]
+        self.checks = StepChecks(cfg)  # divergence and failing rewards, after every step (guard.py)
         worker = RolloutWorker(cfg, sampler, sampling_params(cfg, self.tokenizer), self.tokenizer, stream,
-                               reward_fns, sampler_layout or self.layout, self.layout, jax.random.key(cfg.train.seed))
+                               reward_fns, sampler_layout or self.layout, self.layout, jax.random.key(cfg.train.seed),
+                               first_errors=self.checks.rewards.first_errors)
         self.rollouts = RolloutEngine(worker, asynchronous=cfg.rollout.async_rollout, sampler_layout=sampler_layout)
         self.step = 0
-        self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=cfg.checkpoint.keep,
-                                         async_save=cfg.checkpoint.async_save)
-        if cfg.checkpoint.resume and self.checkpointer.latest_step() is not None:
+        self.checkpointer = open_checkpoints(cfg)  # resume, refuse or overwrite (lifecycle.py)
+        if self.checkpointer.latest_step() is not None:
             self._restore()
 
     def _load_model(self):
         """The checkpoint at ``model.path``, placed on the mesh with the configured dtypes and remat policy."""
         m = self.cfg.model
-        return load_hf(m.path, mesh=self.layout.mesh, rules=self.layout.rules, dtype=DTYPES[m.dtype],
-                       param_dtype=DTYPES[m.param_dtype], remat=m.remat)
+        with blame("model.path", m.path):
+            return load_hf(m.path, mesh=self.layout.mesh, rules=self.layout.rules, dtype=DTYPES[m.dtype],
+                           param_dtype=DTYPES[m.param_dtype], remat=m.remat)
 
     def __enter__(self) -> "RLTrainer":
         return self
@@ -162,6 +170,8 @@ class RLTrainer:
                  "step": jax.device_put(jnp.asarray(self.step, jnp.int32), replicated)}
         if self.cfg.algorithm.entropy_target is not None:
             state["entropy_coef"] = jax.device_put(jnp.asarray(self.learner.entropy_coef, jnp.float32), replicated)
+        if self.cfg.rollout.async_rollout:  # the key and weights the rollouts in the making started from
+            state.update(checkpoint_entries(self.rollouts.resume_point, self.learner.params, replicated))
         return state
 
     def _restore(self) -> None:
@@ -172,11 +182,20 @@ class RLTrainer:
             self.learner.entropy_coef = float(state["entropy_coef"])
         self.step = int(state["step"])
         self.rollouts.worker.stream.set_state(meta["data"])
+        if meta.get("pending"):  # async: the next step's rollouts, sampled again from the weights saved for them
+            self.rollouts.resume(nnx.merge_state(state["sampler_params"], self.learner.rest))
         if self.is_main:
             print(f"[jaxrl_llm] resumed from step {self.step} in {self.checkpointer.directory}")
 
     def save(self) -> None:
-        meta = {"data": self.rollouts.worker.stream.get_state(), "step": self.step}
+        if self.checkpointer.latest_step() == self.step:  # saved already (a resumed run that had finished)
+            return
+        critic = self.learner.critic
+        check_finite({"policy": self.learner.params, "critic": critic.params if critic else {}},
+                     f"the checkpoint of step {self.step}")
+        point = self.rollouts.resume_point
+        meta = {"data": point.data if point else self.rollouts.worker.stream.get_state(), "step": self.step,
+                "pending": bool(point)}
         self.checkpointer.save(self.step, self._state(), meta)
 
     def model(self):
@@ -186,6 +205,7 @@ class RLTrainer:
         """Write the policy as a Hugging Face checkpoint (called by every process; process 0 writes)."""
         path = path or os.path.join(self.run_dir, "hf")
         params = self.learner.params
+        check_finite(params, f"the policy to {path}")
         if jax.process_count() > 1:
             params = jax.tree.map(host, params)
         if self.is_main:
@@ -200,27 +220,49 @@ class RLTrainer:
         end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
         if self.is_main:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        # rows of steps after the restored checkpoint (an attempt that got further) are dropped first
         logger = MetricsLogger(self.run_dir, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard,
-                               enabled=self.is_main)
+                               enabled=self.is_main, keep_through=self.step)
         last: dict[str, float] = {}
-        with Progress(cfg.train.steps, f"{cfg.algorithm.name}", enabled=self.is_main and cfg.log.progress,
-                      start=self.step) as bar:
-            while self.step < end:
-                last = self.train_step()
-                logger.log(self.step, last)
-                bar.update(reward=last["reward_mean"], kl=last.get("kl_ref", 0.0),
-                           ent=last.get("entropy", 0.0), tok_s=last["tokens_per_sec"])
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                    self.save()
-        if not cfg.checkpoint.every or self.step % cfg.checkpoint.every:
+        watch = StopWatch(cfg.checkpoint.every, cfg.checkpoint.every_minutes, self.checkpointer)
+        self.checks.start(self.learner.params, self.checkpointer)
+        try:
+            with watch, Progress(cfg.train.steps, f"{cfg.algorithm.name}", start=self.step,
+                                 enabled=self.is_main and cfg.log.progress) as bar:
+                while self.step < end:
+                    last = self._logged_step(logger, bar)
+                    self._after_step(watch)
             self.save()
-        self.checkpointer.wait()
-        logger.close()
+            self.checkpointer.wait()
+        finally:
+            logger.close()
         if cfg.checkpoint.export_hf:
             path = self.export_hf()
             if self.is_main:
                 print(f"[jaxrl_llm] policy exported to {path}")
         return last
+
+    def _logged_step(self, logger, bar) -> dict[str, float]:
+        """One step, its metrics logged; a run that diverged or whose rewards keep failing stops here."""
+        metrics = self.train_step()
+        problem = self.checks.inspect(self.step, self.learner.params, metrics)
+        logger.log(self.step, metrics)
+        if problem is not None:
+            raise problem
+        bar.update(reward=metrics["reward_mean"], kl=metrics.get("kl_ref", 0.0), ent=metrics.get("entropy", 0.0),
+                   tok_s=metrics["tokens_per_sec"])
+        return metrics
+
+    def _after_step(self, watch: StopWatch) -> None:
+        """Signals, preemption notices and periodic saves at a step boundary."""
+        poll = watch.poll(self.step)
+        if poll.save:
+            self.save()
+            watch.saved()
+        if poll.stop:
+            self.checkpointer.wait()
+            raise Interrupted(f"{poll.stop}: checkpoint of step {self.step} saved in {self.checkpointer.directory}; "
+                              "run the same command to resume", self.step)
 
     def close(self) -> None:
         self.rollouts.close()

@@ -24,6 +24,7 @@ from jaxrl_llm.distributed import gather_blocks, host, owned_rows, rows_on_this_
 from jaxrl_llm.parallel import Layout
 from jaxrl_llm.rewards import compute_rewards
 from jaxrl_llm.sampling import Rollout, SamplingParams
+from jaxrl_llm.trainer.async_resume import ResumePoint
 
 __all__ = ["RolloutBatch", "RolloutWorker", "RolloutEngine", "sampling_params", "trim_responses", "route_axis"]
 
@@ -88,10 +89,11 @@ class RolloutWorker:
     scores them. Owns the prompt stream and the sampling PRNG key, which together say where a run is."""
 
     def __init__(self, cfg, sampler, params: SamplingParams, tokenizer, stream, reward_fns, layout: Layout,
-                 train_layout: Layout, key):
+                 train_layout: Layout, key, first_errors: dict | None = None):
         self.cfg, self.sampler, self.params, self.tokenizer = cfg, sampler, params, tokenizer
         self.stream, self.reward_fns, self.layout, self.train_layout = stream, reward_fns, layout, train_layout
         self.key = key
+        self.first_errors = first_errors  # each reward function's first failure, by name (guard.py stops on them)
 
     def sample(self, state) -> dict:
         """Device part of one round: a global batch of prompts sampled ``n`` times. Each process reads only the
@@ -123,7 +125,8 @@ class RolloutWorker:
         mine = [rows[r // n] for r in owned]
         columns = {k: [row.get(k) for row in mine] for k in mine[0] if k != "prompt"}
         rewards, per_fn, stats = compute_rewards(self.reward_fns, [row["prompt"] for row in mine], completions,
-                                                 columns, timeout=self.cfg.reward.timeout)
+                                                 columns, timeout=self.cfg.reward.timeout,
+                                                 workers=self.cfg.reward.workers, first_errors=self.first_errors)
         total = len(tokens)
         rewards = gather_blocks(rewards, total)
         per_fn = {k: gather_blocks(v, total) for k, v in per_fn.items()}
@@ -174,15 +177,29 @@ class RolloutEngine:
         self._executor = ThreadPoolExecutor(max_workers=1) if asynchronous else None
         self._pending = None  # the next step's rollouts, in the making
         self._weights = None
+        # async: where the rollouts in the making started (data position, key, weights), for exact resume
+        self.resume_point: ResumePoint | None = None
+
+    def _placed(self, state):
+        """``state`` as the sampler reads it: on the sampler's devices in disaggregated mode, a copy in async mode
+        (the next update donates the live buffers)."""
+        if self.sampler_layout is not None:
+            return jax.device_put(state, self.sampler_layout.replicated())
+        if self._executor is not None:
+            return jax.tree.map(jnp.copy, state)
+        return state
 
     def update_weights(self, state) -> None:
-        """The policy the next rollouts sample from: resharded onto the sampler's devices in disaggregated mode, a
-        copy in async mode (the next update donates the live buffers)."""
-        if self.sampler_layout is not None:
-            state = jax.device_put(state, self.sampler_layout.replicated())
-        elif self._executor is not None:
-            state = jax.tree.map(jnp.copy, state)
-        self._weights = state
+        """The policy the next rollouts sample from."""
+        self._weights = self._placed(state)
+
+    def resume(self, sampler_state) -> None:
+        """Continue an async run from a checkpoint saved while rollouts were in the making: they are sampled again
+        from ``sampler_state`` (the weights they were drawn from), from the restored data position and key."""
+        state = self._placed(sampler_state)
+        self.resume_point = ResumePoint.of(self.worker.stream, self.worker.key, state)
+        self._pending = (self._executor.submit(self.worker.collect, state) if self.sampler_layout is not None
+                         else (state, None))
 
     def generate(self) -> RolloutBatch:
         """This step's rollouts. Async mode samples the next step's from the current weights (one step
@@ -200,10 +217,12 @@ class RolloutEngine:
             if not stale:
                 self._pending = self._executor.submit(worker.collect, weights)
             batch = self._pending.result()
+            self.resume_point = ResumePoint.of(worker.stream, worker.key, weights)
             self._pending = self._executor.submit(worker.collect, weights)
         else:
             state, first = self._pending if stale else (weights, None)
             batch = worker.collect(state, first)
+            self.resume_point = ResumePoint.of(worker.stream, worker.key, weights)
             self._pending = (weights, self._executor.submit(worker.finish, worker.sample(weights)))
         batch.stats["rollout_staleness"] = float(stale)  # updates between the weights that sampled and trained
         return batch
