@@ -260,6 +260,9 @@ class StepShapes:
 def step_shapes(cfg, sizes: dict[str, int]) -> StepShapes:
     rows = cfg.train.prompts_per_step * cfg.rollout.n
     minibatch = rows // cfg.algorithm.minibatches
+    if cfg.data.max_prompt_tokens is None:  # a run derives it from its data at start; a plan has no data
+        raise PlanError("data.max_prompt_tokens: the plan needs the prompt length; give it (a run derives it "
+                        "from the data when it is null)")
     return StepShapes(dp=sizes["data"] * sizes["fsdp"], prompt=cfg.data.max_prompt_tokens,
                       response=cfg.rollout.max_new_tokens, rows=rows, micro=cfg.train.micro_batch_size,
                       num_micro=minibatch // cfg.train.micro_batch_size)

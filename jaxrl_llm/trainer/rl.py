@@ -9,7 +9,6 @@ interrupted run continues exactly as an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -24,7 +23,8 @@ from jaxrl_llm import advantages as A
 from jaxrl_llm import losses as L
 from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.config import TrainConfig, save_config, validate
-from jaxrl_llm.data import PromptStream, load_rows, tokenize_prompts
+from jaxrl_llm import paths
+from jaxrl_llm.data import training_prompts
 from jaxrl_llm.distributed import gather_blocks, host, owned_rows, rows_on_this_process, sum_blocks
 from jaxrl_llm.hardware import peak_tflops
 from jaxrl_llm.losses import exploration as X
@@ -37,6 +37,8 @@ from jaxrl_llm.sampling import layer_entropies, routing_agreement, sequence_logp
 from jaxrl_llm.tokenizer import load_tokenizer
 from jaxrl_llm.tracking import MetricsLogger, Progress
 from jaxrl_llm.trainer.critic import init_value_head, make_critic_step, token_level_rewards, token_values
+from jaxrl_llm.trainer.evaluation import Evaluator
+from jaxrl_llm.trainer.flops import rl_step_flops, step_passes
 from jaxrl_llm.trainer.optim import opt_state_shardings, run_optimizer
 from jaxrl_llm.trainer.packing import packed_rows_multiple, plan_packing, prompt_sharing
 from jaxrl_llm.trainer.step import Experience, LossConfig, jit_update_step, minibatch_normalizer, split_micro
@@ -145,7 +147,7 @@ class RLTrainer:
         self.devices = devices + sampler_devices
         self.peak_tflops = cfg.log.peak_tflops or peak_tflops(self.devices[0].device_kind)
         model, self.model_cfg = self._load_model()
-        self.tokenizer = load_tokenizer(cfg.model.path)
+        self.tokenizer = load_tokenizer(cfg.model.path, cache_dir=cfg.model.cache_dir)
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
         a, r, t = cfg.algorithm, cfg.rollout, cfg.train
         self.ref_params = jax.tree.map(jnp.copy, self.params) if a.kl_coef > 0 else None
@@ -187,14 +189,19 @@ class RLTrainer:
         self._update_bupo = jit_update(a.bupo_layer) if a.bupo_steps else None
         self.critic = self._build_critic() if a.advantage == "gae" else None
         self.old_logp_from_update = self._old_logp_from_update()
-        # every process reads only its share of each global batch of prompts (see _rollout)
-        self.stream = PromptStream(load_rows(cfg.data), t.prompts_per_step, seed=cfg.data.seed,
-                                   shuffle=cfg.data.shuffle)
+        # every process reads only its share of each global batch of prompts (see _rollout); every prompt is
+        # validated here, and data.max_prompt_tokens derived when null
+        self.prompts = training_prompts(cfg, self.tokenizer)
+        self.stream = self.prompts.stream
         self.reward_fns = [(s.name, get_reward(s.name, **s.kwargs), s.weight) for s in cfg.reward.fns]
+        self.evaluator = Evaluator.for_run(cfg, tokenizer=self.tokenizer, sampler=self.sampler, sampling=self.sampling,
+                                           reward_fns=self.reward_fns, mesh=self.mesh, holdout=self.prompts.holdout,
+                                           encoder=self.prompts.encoder)
         self.key = jax.random.key(t.seed)
         self.step = 0
-        self.checkpointer = Checkpointer(os.path.join(self.run_dir, "checkpoints"), keep=cfg.checkpoint.keep,
-                                         async_save=cfg.checkpoint.async_save)
+        c = cfg.checkpoint
+        self.checkpointer = Checkpointer(c.dir or paths.join(self.run_dir, "checkpoints"), keep=c.keep,
+                                         async_save=c.async_save, best_metric=c.best_metric, best_mode=c.best_mode)
         if cfg.checkpoint.resume and self.checkpointer.latest_step() is not None:
             self._restore()
 
@@ -226,7 +233,7 @@ class RLTrainer:
         """The checkpoint at ``model.path``, placed on the mesh with the configured dtypes and remat policy."""
         m = self.cfg.model
         return load_hf(m.path, mesh=self.mesh, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype],
-                       remat=m.remat)
+                       remat=m.remat, cache_dir=m.cache_dir)
 
     def _optimizer(self, lr: float, params):
         """AdamW with the run's schedule (one update per minibatch) and its state placed on the mesh."""
@@ -281,15 +288,16 @@ class RLTrainer:
         if self.is_main:
             print(f"[jaxrl_llm] resumed from step {self.step} in {self.checkpointer.directory}")
 
-    def save(self) -> None:
-        self.checkpointer.save(self.step, self._state(), {"data": self.stream.get_state(), "step": self.step})
+    def save(self, metrics: dict | None = None) -> None:
+        self.checkpointer.save(self.step, self._state(), {"data": self.stream.get_state(), "step": self.step},
+                               metrics=metrics)
 
     def model(self):
         return nnx.merge(self.graphdef, self.params, self.rest)
 
     def export_hf(self, path: str | None = None) -> str:
         """Write the policy as a Hugging Face checkpoint (called by every process; process 0 writes)."""
-        path = path or os.path.join(self.run_dir, "hf")
+        path = path or paths.join(self.run_dir, "hf")
         params = jax.tree.map(host, self.params) if jax.process_count() > 1 else self.params
         if self.is_main:
             save_hf(nnx.merge(self.graphdef, params, self.rest), path, tokenizer=self.tokenizer)
@@ -344,8 +352,7 @@ class RLTrainer:
         owned = owned_rows(b * n)
         positions = np.union1d(rows_on_this_process(_rows_sharding(mesh, b), b), owned // n)
         rows = dict(zip(positions.tolist(), self.stream.next_batch(positions)))
-        local_ids, local_mask = tokenize_prompts(self.tokenizer, [rows[i]["prompt"] for i in positions],
-                                                 cfg.data.max_prompt_tokens, chat_template=cfg.data.chat_template)
+        local_ids, local_mask = self.prompts.encoder.encode([rows[i] for i in positions])
         ids = np.zeros((b,) + local_ids.shape[1:], local_ids.dtype)
         mask = np.zeros((b,) + local_mask.shape[1:], bool)
         ids[positions], mask[positions] = local_ids, local_mask  # rows held elsewhere stay unread
@@ -528,8 +535,12 @@ class RLTrainer:
         total_time = sum(times.values())
         tokens = float(jnp.sum(ro.mask) + jnp.sum(ro.prompt_mask))
         metrics["tokens_per_sec"] = tokens / total_time
-        # 6 N FLOPs per trained token (forward + backward) + 2 N per sampled/scored token
-        flops = (6 * self.model_cfg.num_params() * tokens * a.ppo_epochs + 4 * self.model_cfg.num_params() * tokens)
+        # the passes this step ran, attention included and shared prompts counted once (trainer/flops.py)
+        passes = step_passes(cfg, old_logp_from_update=self.old_logp_from_update, bupo_warmup=bupo,
+                             score_group=self.prompt_group, update_group=self.update_group)
+        n = cfg.rollout.n
+        flops = rl_step_flops(self.model_cfg, host(ro.prompt_mask)[::n].sum(1), host(ro.mask).sum(1).reshape(-1, n),
+                              passes)["total"]
         metrics["model_tflops_per_sec"] = flops / total_time / 1e12
         if self.peak_tflops is not None:  # model FLOPs utilisation of every device the run uses
             metrics["mfu"] = metrics["model_tflops_per_sec"] / (self.peak_tflops * len(self.devices))
@@ -633,20 +644,25 @@ class RLTrainer:
         cfg = self.cfg
         end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
         if self.is_main:
-            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
-        logger = MetricsLogger(self.run_dir, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard,
-                               enabled=self.is_main)
+            save_config(cfg, paths.join(self.run_dir, "config.yaml"))
+        logger = MetricsLogger.for_run(cfg, enabled=self.is_main)
         last: dict[str, float] = {}
+        if self.evaluator is not None and self.step == 0 and self.evaluator.due(0):
+            logger.log(0, self.evaluator.run(0, nnx.merge_state(self.params, self.rest)))
         with Progress(cfg.train.steps, f"{cfg.algorithm.name}", enabled=self.is_main and cfg.log.progress,
                       start=self.step) as bar:
             while self.step < end:
                 last = self.train_step()
+                evaluated = self.evaluator.maybe_run(self.step, nnx.merge_state(self.params, self.rest)) \
+                    if self.evaluator is not None else {}
+                last.update(evaluated)
                 logger.log(self.step, last)
                 bar.update(reward=last["reward_mean"], kl=last.get("kl_ref", 0.0),
                            ent=last.get("entropy", 0.0), tok_s=last["tokens_per_sec"])
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                    self.save()
-        if not cfg.checkpoint.every or self.step % cfg.checkpoint.every:
+                if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or \
+                        (evaluated and cfg.checkpoint.best_metric):
+                    self.save(metrics=evaluated or None)
+        if self.checkpointer.latest_step() != self.step:
             self.save()
         self.checkpointer.wait()
         logger.close()
@@ -660,6 +676,7 @@ class RLTrainer:
         if self._executor is not None:
             self._executor.shutdown(wait=True)  # lets an in-flight rollout finish; its result is dropped
             self._pending = None
+        self.prompts.close()
         self.checkpointer.close()
 
 
