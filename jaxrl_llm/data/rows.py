@@ -84,6 +84,9 @@ class PromptRows:
         except ValueError:  # name the exact place (a line number costs a scan, so only when it fails)
             return normalize_row(raw, self.source.where(i), **self._keys)
 
+    def __iter__(self) -> Iterator[dict]:
+        return (row for _, row in self.iter_rows())
+
     def where(self, i: int) -> str:
         return self.source.where(int(i))
 
@@ -107,7 +110,12 @@ class Subset:
         return len(self._indices)
 
     def __getitem__(self, i: int) -> dict:
+        if not 0 <= int(i) < len(self):
+            raise IndexError(f"row {i} of {len(self)}")
         return self.base[int(self._indices[int(i)])]
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self[i] for i in range(len(self)))
 
     def where(self, i: int) -> str:
         return self.base.where(int(self._indices[int(i)]))
