@@ -158,7 +158,12 @@ def glob(pattern) -> list[str]:
 
         return sorted(_glob.glob(pattern))
     fs, inner = filesystem(pattern)
-    return sorted(fs.unstrip_protocol(p) for p in fs.glob(inner))
+    scheme = protocol(pattern)
+    written = pattern[len(scheme) + 3:]
+    # fsspec may root the inner path differently (memory:// adds a leading "/"): give matches the pattern's form
+    lead = inner[:len(inner) - len(written)] if inner.endswith(written) else ""
+    return sorted(f"{scheme}://{p[len(lead):]}" if p.startswith(lead) else fs.unstrip_protocol(p)
+                  for p in fs.glob(inner))
 
 
 def makedirs(path) -> None:
