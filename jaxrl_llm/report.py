@@ -190,7 +190,7 @@ def _eval_table(evals: list[dict]) -> list[str]:
                                                                                      evals[-1]["step"]),
              "|---|---|---|---|---|"]
     for key in keys:
-        best = max(evals, key=lambda r: r.get(key, float("-inf")))
+        best = max(reversed(evals), key=lambda r: r.get(key, float("-inf")))  # a tie: the later step, as kept
         lines.append(f"| {key} | {evals[0][key]:.3f} | {evals[-1][key]:.3f} | {best[key]:.3f} | {best['step']} |")
     return lines
 

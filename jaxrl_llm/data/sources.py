@@ -39,8 +39,8 @@ __all__ = ["JsonlSource", "ParquetSource", "HFDiskSource", "ListSource", "Concat
            "open_file_source", "FILE_SUFFIXES", "GROUP_ROWS", "MAX_GROUP_ROWS"]
 
 FILE_SUFFIXES = {"jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz"), "parquet": (".parquet", ".pq")}
-GROUP_ROWS = 1024  # rows per row group of a rewritten Parquet file
-MAX_GROUP_ROWS = 8192  # larger row groups are rewritten first
+GROUP_ROWS = 256  # rows per row group of a rewritten Parquet file
+MAX_GROUP_ROWS = 2048  # larger row groups are rewritten first
 _CACHED_GROUPS = 4  # decoded row groups kept per Parquet file
 
 
@@ -158,7 +158,7 @@ def _parquet_file(handle):
     import pyarrow.parquet as pq
 
     # buffered, page-by-page reading: a large column chunk is not read into memory whole
-    return pq.ParquetFile(handle, buffer_size=1 << 22, pre_buffer=False)
+    return pq.ParquetFile(handle, buffer_size=1 << 20, pre_buffer=False)
 
 
 class ParquetSource:

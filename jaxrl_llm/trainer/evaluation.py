@@ -61,6 +61,11 @@ class Evaluator:
         e = cfg.eval
         if not (e.every or e.at_start):
             return None
+        if cfg.rollout.async_rollout and jax.process_count() > 1:
+            # the rewards of the next step's rollouts are then gathered across processes in a background thread,
+            # while evaluation gathers its own on the main thread: the two orders could differ between processes
+            raise ValueError("eval.every: evaluation during training with rollout.async_rollout is single-process "
+                             "for now; evaluate the exported checkpoint, or set rollout.async_rollout=false")
         if e.data.source != "none":
             holdout, encoder, _ = prepare_prompts(e.data, tokenizer, key="eval.data", split="eval")
         params = dataclasses.replace(sampling, n=e.n, temperature=e.temperature or sampling.temperature,

@@ -21,9 +21,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrl_llm import advantages as A
 from jaxrl_llm import losses as L
+from jaxrl_llm import paths
 from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.config import TrainConfig, save_config, validate
-from jaxrl_llm import paths
 from jaxrl_llm.data import training_prompts
 from jaxrl_llm.distributed import gather_blocks, host, owned_rows, rows_on_this_process, sum_blocks
 from jaxrl_llm.hardware import peak_tflops
