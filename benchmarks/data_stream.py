@@ -85,6 +85,7 @@ def run_mode(mode: str, path: str, batches: int, batch: int, cache: str) -> dict
         stream = PromptStream(rows, batch, seed=0, read_threads=8, prefetch=2)
         seen = [r["prompt"] for _ in range(batches) for r in stream.next_batch()]
         stream.close()
+        rows.close()
         times["batches"] = time.perf_counter() - t2
         assert scan.rows == len(rows)
     seconds = time.perf_counter() - t0

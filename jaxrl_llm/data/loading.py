@@ -66,22 +66,25 @@ class TrainingPrompts:
     encoder: PromptEncoder
     holdout: object | None  # rows held out for evaluation (eval.split), or None
     scan: PromptScan | None
+    rows: object = None  # the source behind both (its open files)
 
     def close(self) -> None:
         self.stream.close()
+        if self.rows is not None:
+            self.rows.close()
 
 
 def training_prompts(cfg, tokenizer) -> TrainingPrompts:
     """The prompts of a training run: ``cfg.data`` validated, minus the ``eval.split`` rows held out, as a stream
     of ``train.prompts_per_step`` prompts per step."""
-    rows, encoder, scan = prepare_prompts(cfg.data, tokenizer)
-    holdout = None
+    source, encoder, scan = prepare_prompts(cfg.data, tokenizer)
+    rows, holdout = source, None
     if cfg.eval.split is not None:
-        rows, holdout = split_holdout(rows, cfg.eval.split, seed=cfg.eval.seed)
+        rows, holdout = split_holdout(source, cfg.eval.split, seed=cfg.eval.seed)
     d = cfg.data
     stream = PromptStream(rows, cfg.train.prompts_per_step, seed=d.seed, shuffle=d.shuffle,
                           read_threads=d.read_threads, prefetch=d.prefetch_batches)
-    return TrainingPrompts(stream=stream, encoder=encoder, holdout=holdout, scan=scan)
+    return TrainingPrompts(stream=stream, encoder=encoder, holdout=holdout, scan=scan, rows=source)
 
 
 # ---- whole files as lists (small data, tests) ----------------------------------------------------------------

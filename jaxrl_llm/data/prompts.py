@@ -126,7 +126,7 @@ class PromptScan:
     truncated: int  # prompts longer than max_tokens (cut with truncate=left/right)
 
 
-def scan_prompts(rows: Iterable[tuple[str, dict]], encoder: PromptEncoder, *, chunk: int = 512) -> PromptScan:
+def scan_prompts(rows: Iterable[tuple[str, dict]], encoder: PromptEncoder, *, chunk: int = 128) -> PromptScan:
     """Render and tokenise every ``(where, row)`` once: empty prompts and (with ``truncate="error"``) prompts longer
     than ``encoder.max_tokens`` are errors naming where they are."""
     count, longest, longest_where, truncated = 0, 0, "", 0

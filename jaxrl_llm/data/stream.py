@@ -9,6 +9,7 @@ the number of global batches handed out, ``{"batches": b}``, saved in checkpoint
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import grain
@@ -44,6 +45,8 @@ class PromptStream:
         self._batch = 0
         self._positions: tuple[int, ...] | None = None
         self._reader = None
+        self._reading = 0  # reads running in worker threads (closing waits for them: they use open files)
+        self._idle = threading.Condition()
 
     def _positions_of(self, positions) -> tuple[int, ...]:
         wanted = tuple(range(self.batch_size)) if positions is None else tuple(int(i) for i in positions)
@@ -62,7 +65,14 @@ class PromptStream:
         offsets = np.asarray(wanted, np.int64)
 
         def read(j: int) -> dict:  # the j-th row this process reads
-            return rows[(first + j // k) * size + int(offsets[j % k])]
+            with self._idle:
+                self._reading += 1
+            try:
+                return rows[(first + j // k) * size + int(offsets[j % k])]
+            finally:
+                with self._idle:
+                    self._reading -= 1
+                    self._idle.notify_all()
 
         reads = grain.MapDataset.range(0, 2 ** 62).map(read)
         options = grain.ReadOptions(num_threads=self._threads, prefetch_buffer_size=self._prefetch * k)
@@ -89,7 +99,9 @@ class PromptStream:
         self.close()
 
     def close(self) -> None:
-        """Stop reading ahead (the next batch starts a new reader)."""
+        """Stop reading ahead (the next batch starts a new reader); returns once no read is running."""
         reader, self._reader, self._positions = self._reader, None, None
         if reader is not None and hasattr(reader, "close"):
-            reader.close()
+            reader.close()  # cancels the reads not started yet
+        with self._idle:
+            self._idle.wait_for(lambda: self._reading == 0)
