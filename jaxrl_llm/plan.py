@@ -257,13 +257,15 @@ class StepShapes:
     num_micro: int  # micro-batches per minibatch
 
 
+PLAN_PROMPT_TOKENS = 64  # the prompt length planned for when data.max_prompt_tokens is null
+
+
 def step_shapes(cfg, sizes: dict[str, int]) -> StepShapes:
     rows = cfg.train.prompts_per_step * cfg.rollout.n
     minibatch = rows // cfg.algorithm.minibatches
-    if cfg.data.max_prompt_tokens is None:  # a run derives it from its data at start; a plan has no data
-        raise PlanError("data.max_prompt_tokens: the plan needs the prompt length; give it (a run derives it "
-                        "from the data when it is null)")
-    return StepShapes(dp=sizes["data"] * sizes["fsdp"], prompt=cfg.data.max_prompt_tokens,
+    # a run derives a null data.max_prompt_tokens from its data at start; a plan reads no data
+    prompt = cfg.data.max_prompt_tokens or PLAN_PROMPT_TOKENS
+    return StepShapes(dp=sizes["data"] * sizes["fsdp"], prompt=prompt,
                       response=cfg.rollout.max_new_tokens, rows=rows, micro=cfg.train.micro_batch_size,
                       num_micro=minibatch // cfg.train.micro_batch_size)
 
@@ -933,6 +935,9 @@ def plan(config: str | None, overrides=(), *, mesh: str | None = None, devices: 
                     param_dtype=cfg.model.param_dtype, analytic=analytic_plan(cfg, mc, sizes), compiled=None)
     groups = suggestion_groups(cfg, sizes) if suggest and usable is not None else []
     results = {}
+    if cfg.data.max_prompt_tokens is None:
+        report.notes.append(f"data.max_prompt_tokens is null (a run derives it from its data): planned for "
+                            f"{PLAN_PROMPT_TOKENS} prompt tokens; give the length of your prompts")
     if analytic_only:
         report.notes.append("analytic estimate only (--analytic)")
     else:
