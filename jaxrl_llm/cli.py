@@ -6,6 +6,7 @@
     jaxrl-llm eval --model DIR [--difficulties 1 2 3] [--n 16]        held-out pass@k on the arithmetic task
     jaxrl-llm demo                                                    a 30-second GRPO demonstration
     jaxrl-llm plan --config C --mesh fsdp=8 --accelerator h100        will the run fit? (ahead-of-time memory plan)
+    jaxrl-llm report RUN_DIR [--out DIR]                              plots and summary.md of a train or pipeline run
 
 Commands import their heavy dependencies lazily so ``jaxrl-llm --help`` is instant.
 
@@ -46,6 +47,22 @@ def _train(args) -> int:
               f"{cfg.train.steps} (raise it to continue, or set checkpoint.overwrite=true to start afresh)")
     elif jax.process_index() == 0:
         print(json.dumps({k: round(v, 6) for k, v in metrics.items()}, indent=1))
+        if cfg.log.report and cfg.log.jsonl:
+            from jaxrl_llm.report import write_train_report
+
+            print(f"[jaxrl_llm] report: {write_train_report(cfg.log.run_dir)}")
+    return 0
+
+
+def _report(args) -> int:
+    from jaxrl_llm.report import report_run_dir
+
+    try:
+        path = report_run_dir(args.run_dir, args.out)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"report error: {err}", file=sys.stderr)
+        return 2
+    print(f"report written: {path}")
     return 0
 
 
@@ -143,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-literals", type=int, default=2, help="task shape, as the pipeline's task.num_literals")
     p.add_argument("--operands", choices=("any", "literal"), default="any", help="as the pipeline's task.operands")
     p.set_defaults(func=_eval)
+
+    p = add("report", help="plots and summary.md of a train or pipeline run directory")
+    p.add_argument("run_dir", help="the run directory (log.run_dir of a train run, run_dir of a pipeline run)")
+    p.add_argument("--out", help="where to write the report (default: RUN_DIR/report)")
+    p.set_defaults(func=_report)
 
     p = add("demo", help="a short GRPO demonstration on a toy objective")
     p.add_argument("--seed", type=int, default=0)

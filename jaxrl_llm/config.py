@@ -32,8 +32,9 @@ from jaxrl_llm.errors import UserError
 
 __all__ = [
     "TrainConfig", "ModelSection", "DataSection", "RolloutSection", "AlgorithmSection", "TrainSection",
-    "MeshSection", "CheckpointSection", "LogSection", "RewardSpec", "RewardSection", "ConfigError",
-    "load_config", "validate", "to_yaml", "save_config", "summary", "config_keys", "mesh_sizes",
+    "MeshSection", "CheckpointSection", "LogSection", "RewardSpec", "RewardSection", "EvalSection",
+    "EvalDataSection", "ConfigError", "load_config", "validate", "to_yaml", "to_dict", "save_config", "summary",
+    "config_keys", "mesh_sizes", "TRUNCATE",
     "POLICY_LOSSES", "AGG_MODES", "KL_ESTIMATORS", "ADVANTAGES", "GROUP_ADVANTAGES", "CRITICS", "DTYPES",
     "REMAT", "SOURCES", "TASKS", "SCHEDULES", "CONSISTENCY", "COV_PENALTIES", "ROLLOUT_IS", "ROLLOUT_MASK",
     "MESH_AXES", "LOGICAL_AXES",
@@ -49,7 +50,8 @@ ADVANTAGES = GROUP_ADVANTAGES + ("reinforce_pp", "gae")
 CRITICS = ("separate",)  # a separate value model: a trunk initialised from the policy plus a linear value head
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
-SOURCES = ("task", "gym", "jsonl", "parquet")
+SOURCES = ("task", "gym", "jsonl", "parquet", "hf_disk")
+TRUNCATE = ("error", "left", "right")  # a prompt longer than data.max_prompt_tokens: error, or cut on that side
 TASKS = ("arith",)
 SCHEDULES = ("constant", "cosine", "linear")
 CONSISTENCY = ("default", "exact")
@@ -71,9 +73,11 @@ class ConfigError(UserError):
 
 @dataclass
 class ModelSection:
-    """The policy: a local Hugging Face checkpoint directory (config.json, safetensors, tokenizer files)."""
+    """The policy: a Hugging Face checkpoint directory (config.json, safetensors, tokenizer files), local or a URI
+    (gs://, s3://, ...: copied once into a local cache, see jaxrl_llm.paths)."""
 
     path: str = MISSING  # required
+    cache_dir: str | None = None  # local copies of URI checkpoints (None: $JAXRL_CACHE_DIR/models or ~/.cache/...)
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"  # storage dtype of the trained parameters
     remat: str = "none"  # activation rematerialisation per layer: none | full | dots
@@ -81,18 +85,55 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Where prompts come from. Rows carry ``prompt`` and ``answer``; other columns reach the reward functions."""
+    """Where prompts come from. Rows carry ``prompt`` (or ``messages``) and ``answer``; other columns reach the
+    reward functions."""
 
-    source: str = "task"  # task (generated problems) | gym (reasoning-gym) | jsonl | parquet
-    path: str | None = None  # the file for source=jsonl/parquet
+    source: str = "task"  # task (generated problems) | gym (reasoning-gym) | jsonl | parquet | hf_disk
+    # source=jsonl (.jsonl, .json, .jsonl.gz) / parquet / hf_disk (datasets' save_to_disk): a file, a directory of
+    # them or a glob pattern; local or a URI (gs://, s3://, file://, ...)
+    path: str | None = None
+    split: str = "train"  # source=hf_disk: the split of a saved DatasetDict
     task: str = "arith"  # generated task name for source=task; the reasoning-gym dataset for source=gym
     task_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {num_problems: 20000, difficulties: [1, 2]}
-    prompt_key: str = "prompt"  # column holding the prompt text
+    prompt_key: str = "prompt"  # column holding the prompt text (a list of turns there counts as messages)
+    messages_key: str = "messages"  # column holding chat turns [{role, content}], used when a row has no prompt
     answer_key: str = "answer"  # column holding the reference answer
-    chat_template: bool = False  # wrap prompts in the tokenizer's chat template (user turn + generation prompt)
-    max_prompt_tokens: int = 64  # prompts are left-padded to this length; a longer prompt is an error
-    shuffle: bool = True  # seeded shuffle, reshuffled every epoch
+    chat_template: bool = False  # render prompts with the tokenizer's chat template (messages always are)
+    system_prompt: str | None = None  # a system turn put before every conversation that has none (chat template)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false} for Qwen3
+    # prompts are left-padded to this many tokens; null: the longest prompt of the data, rounded up to 16
+    max_prompt_tokens: int | None = None
+    truncate: str = "error"  # a longer prompt: error (naming file and line) | left (keep its end) | right (its start)
+    validate: bool = True  # read and tokenize every prompt at start (errors name file and line)
+    shuffle: bool = True  # seeded shuffle over the whole data set, reshuffled every epoch
     seed: int = 0  # shuffle seed (and generated-task seed)
+    read_threads: int = 8  # threads reading rows ahead of the sampler
+    prefetch_batches: int = 2  # batches read ahead
+    cache_dir: str | None = None  # local cache of decompressed .gz files (None: $JAXRL_CACHE_DIR/data or ~/.cache)
+
+
+@dataclass
+class EvalDataSection(DataSection):
+    """A held-out prompt set, like the data section (``source: none`` when evaluating on ``eval.split``)."""
+
+    source: str = "none"
+    shuffle: bool = False
+
+
+@dataclass
+class EvalSection:
+    """Evaluation during training on held-out prompts, scored by the run's reward functions."""
+
+    every: int = 0  # steps between evaluations (0: none); the last step is evaluated too
+    at_start: bool = False  # also evaluate the initial policy (step 0)
+    data: EvalDataSection = field(default_factory=EvalDataSection)  # the held-out set ...
+    split: float | None = None  # ... or held out of the training data: a fraction (< 1) or a number of rows
+    max_prompts: int | None = None  # evaluate at most this many prompts (None: all of them)
+    n: int = 4  # samples per prompt (pass@k for k <= n)
+    temperature: float | None = None  # None: rollout.temperature
+    max_new_tokens: int | None = None  # None: rollout.max_new_tokens
+    batch_prompts: int = 16  # prompts per sampler call
+    seed: int = 0  # sampling seed of evaluations (independent of training)
 
 
 @dataclass
@@ -218,6 +259,11 @@ class CheckpointSection:
     # and a checkpoint at the end of any step that ends this many minutes or more after the last one (0: off)
     every_minutes: float = 30.0
     keep: int = 3  # most recent checkpoints kept
+    dir: str | None = None  # where checkpoints go (None: <log.run_dir>/checkpoints); local or gs://
+    # also keep the checkpoint with the best value of this evaluation metric (e.g. eval/pass@1); every evaluation
+    # step is then saved
+    best_metric: str | None = None
+    best_mode: str = "max"  # max | min
     async_save: bool = True  # write in the background
     # continue from the latest checkpoint in the run directory; false with checkpoints there is an error
     resume: bool = True
@@ -236,6 +282,10 @@ class LogSection:
     # peak TFLOP/s of one device for the MFU metric; default: the bf16 data-sheet figure of a known TPU/GPU (none
     # on CPU, where MFU is not logged)
     peak_tflops: float | None = None
+    report: bool = True  # `jaxrl-llm train` writes plots and summary.md into <run_dir>/report at the end
+    wandb: bool = False  # also log to Weights & Biases (pip install 'jaxrl_llm[wandb]')
+    wandb_project: str | None = None
+    wandb_entity: str | None = None
 
 
 @dataclass
@@ -269,6 +319,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     reward: RewardSection = field(default_factory=RewardSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -443,28 +494,72 @@ def _choice(value, key: str, allowed) -> None:
         raise ConfigError(f"{key}: got {value!r}; allowed: {', '.join(map(str, allowed))}{hint}")
 
 
+_FILE_SUFFIXES = {"jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz"), "parquet": (".parquet", ".pq")}
+
+
 def _check_model_data(cfg: TrainConfig) -> None:
-    m, d = cfg.model, cfg.data
+    m = cfg.model
     _require(bool(m.path), "model.path", "must name a Hugging Face checkpoint directory")
     _choice(m.dtype, "model.dtype", DTYPES)
     _choice(m.param_dtype, "model.param_dtype", DTYPES)
     _choice(m.remat, "model.remat", REMAT)
-    _choice(d.source, "data.source", SOURCES)
+    _check_data(cfg.data, "data", SOURCES)
+
+
+def _check_data(d: DataSection, key: str, sources) -> None:
+    """The checks of a data section (``data`` or ``eval.data``), naming keys under ``key``."""
+    _choice(d.source, f"{key}.source", sources)
+    if d.source == "none":
+        return
     if d.source == "task":
-        _choice(d.task, "data.task", TASKS)
+        _choice(d.task, f"{key}.task", TASKS)
     elif d.source == "gym":
-        _require(bool(d.task), "data.task", "must name a reasoning-gym dataset for data.source=gym")
+        _require(bool(d.task), f"{key}.task", f"must name a reasoning-gym dataset for {key}.source=gym")
     else:
-        _require(bool(d.path), "data.path", f"needed for data.source={d.source}")
-        suffix = {"jsonl": (".jsonl", ".json", ".jsonl.gz"), "parquet": (".parquet", ".pq")}[d.source]
-        other = {"jsonl": (".parquet", ".pq"), "parquet": (".jsonl", ".json")}[d.source]
-        _require(not d.path.lower().endswith(other), "data.path",
-                 f"{d.path!r} looks like a {'parquet' if d.source == 'jsonl' else 'jsonl'} file but "
-                 f"data.source={d.source} (expected {', '.join(suffix)})")
-    _require(bool(d.prompt_key), "data.prompt_key", "must be a column name")
-    _require(bool(d.answer_key), "data.answer_key", "must be a column name")
-    _require(d.max_prompt_tokens >= 1, "data.max_prompt_tokens", f"must be >= 1, got {d.max_prompt_tokens}")
-    _require(0 <= d.seed < 2 ** 32, "data.seed", f"must be in [0, 2**32), got {d.seed}")
+        _require(bool(d.path), f"{key}.path", f"needed for {key}.source={d.source}")
+        for kind, suffixes in _FILE_SUFFIXES.items():
+            _require(kind == d.source or not d.path.lower().endswith(suffixes), f"{key}.path",
+                     f"{d.path!r} looks like a {kind} file but {key}.source={d.source}")
+    _require(bool(d.prompt_key), f"{key}.prompt_key", "must be a column name")
+    _require(bool(d.messages_key), f"{key}.messages_key", "must be a column name")
+    _require(bool(d.answer_key), f"{key}.answer_key", "must be a column name")
+    _require(d.max_prompt_tokens is None or d.max_prompt_tokens >= 1, f"{key}.max_prompt_tokens",
+             f"must be >= 1 or null (derived from the data), got {d.max_prompt_tokens}")
+    _choice(d.truncate, f"{key}.truncate", TRUNCATE)
+    _require(d.validate or d.max_prompt_tokens is not None, f"{key}.max_prompt_tokens",
+             f"must be given when {key}.validate=false (it is derived by reading every prompt at start)")
+    _require(d.chat_template or d.system_prompt is None, f"{key}.system_prompt",
+             f"is a turn of the chat template: set {key}.chat_template=true")
+    _require(d.chat_template or not d.chat_template_kwargs, f"{key}.chat_template_kwargs",
+             f"are arguments of the chat template: set {key}.chat_template=true")
+    _require(d.read_threads >= 1, f"{key}.read_threads", f"must be >= 1, got {d.read_threads}")
+    _require(d.prefetch_batches >= 0, f"{key}.prefetch_batches", f"must be >= 0, got {d.prefetch_batches}")
+    _require(0 <= d.seed < 2 ** 32, f"{key}.seed", f"must be in [0, 2**32), got {d.seed}")
+
+
+def _check_eval(cfg: TrainConfig) -> None:
+    e = cfg.eval
+    _require(e.every >= 0, "eval.every", f"must be >= 0 (0: no evaluation during training), got {e.every}")
+    _check_data(e.data, "eval.data", SOURCES + ("none",))
+    if e.split is not None:
+        _require(0 < e.split < 1 or (e.split >= 1 and float(e.split).is_integer()), "eval.split",
+                 f"must be a fraction in (0, 1) or a whole number of rows, got {e.split}")
+    if e.every or e.at_start:
+        _require((e.data.source != "none") != (e.split is not None), "eval.data.source",
+                 "evaluation needs one held-out set: eval.data (source jsonl, parquet, ...) or eval.split "
+                 f"(rows held out of the training data), got eval.data.source={e.data.source}, eval.split={e.split}")
+    _require(e.n >= 1, "eval.n", f"must be >= 1, got {e.n}")
+    _require(e.batch_prompts >= 1, "eval.batch_prompts", f"must be >= 1, got {e.batch_prompts}")
+    _require(e.max_prompts is None or e.max_prompts >= 1, "eval.max_prompts", f"must be >= 1, got {e.max_prompts}")
+    _require(e.temperature is None or e.temperature > 0, "eval.temperature", f"must be > 0, got {e.temperature}")
+    _require(e.max_new_tokens is None or e.max_new_tokens >= 1, "eval.max_new_tokens",
+             f"must be >= 1, got {e.max_new_tokens}")
+    c = cfg.checkpoint
+    _choice(c.best_mode, "checkpoint.best_mode", ("max", "min"))
+    if c.best_metric is not None:
+        _require(c.best_metric.startswith("eval/"), "checkpoint.best_metric",
+                 f"must be an evaluation metric such as eval/pass@1 or eval/reward_mean, got {c.best_metric!r}")
+        _require(e.every > 0, "checkpoint.best_metric", "ranks evaluations: needs eval.every > 0")
 
 
 def _check_rollout(cfg: TrainConfig) -> None:
@@ -685,6 +780,7 @@ def validate(cfg: TrainConfig, *, device_count: int | None = None) -> TrainConfi
     _check_algorithm(cfg)
     _check_train(cfg, device_count)
     _check_rest(cfg)
+    _check_eval(cfg)
     return cfg
 
 
@@ -697,11 +793,16 @@ def to_yaml(cfg: TrainConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def to_dict(cfg: TrainConfig) -> dict:
+    """The full config as nested plain dicts (for trackers)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
 def save_config(cfg: TrainConfig, path: str) -> None:
-    """Write :func:`to_yaml` to ``path`` (parent directories are created)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(to_yaml(cfg))
+    """Write :func:`to_yaml` to ``path``, a local path or a URI (parent directories are created)."""
+    from jaxrl_llm import paths
+
+    paths.write_text(path, to_yaml(cfg))
 
 
 def summary(cfg: TrainConfig) -> str:

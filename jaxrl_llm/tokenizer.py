@@ -47,10 +47,15 @@ def build_char_tokenizer(out_dir: str | None = None, *, chars: str = CHARS, mode
     return fast
 
 
-def load_tokenizer(path: str):
-    """``AutoTokenizer.from_pretrained`` on a local directory, with a clear error when it holds no tokenizer."""
+def load_tokenizer(path: str, *, cache_dir: str | None = None):
+    """``AutoTokenizer.from_pretrained`` on a checkpoint directory, with a clear error when it holds no tokenizer.
+    A URI directory is mirrored into the local model cache first (:func:`jaxrl_llm.paths.local_copy`)."""
     from transformers import AutoTokenizer
 
+    from jaxrl_llm import paths
+
+    if paths.is_uri(path) and paths.isdir(path):
+        path = paths.local_copy(path, cache=cache_dir)
     if not os.path.isdir(path) or not any(
             os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         raise FileNotFoundError(f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {path}")

@@ -1,7 +1,7 @@
 import math
 import os
 
-from jaxrl_llm.tracking import MetricsLogger, Progress, read_jsonl, truncate_after
+from jaxrl_llm.tracking import MetricsLogger, Progress, drop_after, read_jsonl
 
 
 def test_jsonl_and_tensorboard(tmp_path):
@@ -38,6 +38,6 @@ def test_a_resumed_logger_drops_the_rows_after_the_restored_step(tmp_path):
     logger.close()
     rows = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
     assert [(r["step"], r["reward"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
-    assert truncate_after(os.path.join(tmp_path, "metrics.jsonl"), 0) == 3
+    MetricsLogger(str(tmp_path), tensorboard=False, keep_through=0).close()
     assert read_jsonl(os.path.join(tmp_path, "metrics.jsonl")) == []
-    assert truncate_after(os.path.join(tmp_path, "missing.jsonl"), 0) == 0
+    assert drop_after(['{"step": 1}\n', '{"step": 2}', '{"st'], 1) == ['{"step": 1}\n']

@@ -16,9 +16,15 @@ a device's block of our array into a block of the stored tensor. Qwen3-MoE exper
 per-expert layout (``mlp.experts.{e}.{gate,up,down}_proj.weight``, what ``save_pretrained`` writes) or from the
 fused layout (``mlp.experts.gate_up_proj [E, 2F, D]``, ``mlp.experts.down_proj [E, D, F]``); they are saved in
 the per-expert layout, which ``transformers.AutoModelForCausalLM.from_pretrained`` converts on load.
+
+Paths may be URIs (:mod:`jaxrl_llm.paths`). ``safe_open`` needs a local file to memory-map, so a URI checkpoint
+is first mirrored into the local model cache (``cache_dir``, else ``$JAXRL_CACHE_DIR/models``) by
+:func:`jaxrl_llm.paths.local_copy`; every host of a multi-host run makes its own copy. Saving to a URI writes the
+files into a local temporary directory and uploads them (:func:`jaxrl_llm.paths.staged_output`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,6 +37,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 from flax import nnx
 
+from jaxrl_llm import paths
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.decoder import Decoder
 
@@ -270,13 +277,25 @@ def _block_reader(ckpt: _Checkpoint, src: ParamSource, chosen, shape, dtype):
     return read
 
 
-def load_config(path: str) -> ModelConfig:
-    """The :class:`ModelConfig` of a checkpoint directory (via ``transformers.AutoConfig``)."""
+def load_config(path: str, *, cache_dir: str | None = None) -> ModelConfig:
+    """The :class:`ModelConfig` of a checkpoint directory, local or a URI (via ``transformers.AutoConfig``)."""
     import transformers
 
-    if not os.path.exists(os.path.join(path, "config.json")):
+    if not paths.exists(paths.join(path, "config.json")):
         raise FileNotFoundError(f"no config.json in {path}")
-    return ModelConfig.from_hf(transformers.AutoConfig.from_pretrained(path))
+    local = paths.local_path(path)
+    if local is None:  # config.json alone; the weights are copied by load_hf
+        with tempfile_dir() as tmp:
+            with open(os.path.join(tmp, "config.json"), "wb") as f:
+                f.write(paths.read_bytes(paths.join(path, "config.json")))
+            return ModelConfig.from_hf(transformers.AutoConfig.from_pretrained(tmp))
+    return ModelConfig.from_hf(transformers.AutoConfig.from_pretrained(local))
+
+
+def tempfile_dir():
+    import tempfile
+
+    return tempfile.TemporaryDirectory(prefix="jaxrl_cfg_")
 
 
 def _path_key(path) -> Path:
@@ -284,12 +303,13 @@ def _path_key(path) -> Path:
 
 
 def load_hf(path: str, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype=jnp.float32,
-            remat: str = "none") -> tuple[Decoder, ModelConfig]:
+            remat: str = "none", cache_dir: str | None = None) -> tuple[Decoder, ModelConfig]:
     """Load a Hugging Face checkpoint directory into a :class:`Decoder`.
 
     Args:
       path: directory with ``config.json`` and ``model.safetensors`` or ``model.safetensors.index.json``
-        (tokenizer and generation files may be present and are left alone).
+        (tokenizer and generation files may be present and are left alone); a local path or a URI, which is
+        mirrored into ``cache_dir`` first (see the module docstring).
       mesh, rules: place each parameter on ``mesh`` by the logical-axis ``rules``
         (:data:`jaxrl_llm.parallel.DEFAULT_RULES` when None); without a mesh, on the first device.
       dtype, param_dtype: compute and parameter dtypes; stored tensors are cast to ``param_dtype``.
@@ -299,6 +319,9 @@ def load_hf(path: str, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype=
     """
     from jaxrl_llm.parallel import state_shardings
 
+    if not paths.isdir(path):
+        raise FileNotFoundError(f"model checkpoint directory not found: {path}")
+    path = paths.local_copy(path, cache=cache_dir)
     cfg = load_config(path)
     abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                                               remat=remat))
@@ -376,8 +399,6 @@ def save_hf(model: Decoder, path, out_path: str | None = None, *, max_shard_size
       dtype: cast tensors to this dtype (e.g. ``jnp.bfloat16``); default: the parameter dtype.
       tokenizer: if given, ``tokenizer.save_pretrained(path)`` is called too.
     """
-    from safetensors.numpy import save_file
-
     if isinstance(path, ModelConfig):
         if out_path is None:
             raise ValueError("save_hf(model, cfg, path): path is missing")
@@ -385,9 +406,25 @@ def save_hf(model: Decoder, path, out_path: str | None = None, *, max_shard_size
             raise ValueError("save_hf: the given cfg differs from model.cfg")
         path = out_path
     path = os.fspath(path)
+    writer = jax.process_index() == 0
+    with paths.staged_output(path) if writer else contextlib.nullcontext(None) as local:
+        if writer and paths.is_uri(path) and paths.exists(path):  # an earlier save's weights would mix in
+            for name in paths.listdir(path):
+                if _is_weight_file(name):
+                    paths.remove(paths.join(path, name))
+        _save_hf(model, local, max_shard_size, dtype, tokenizer, writer)
+
+
+def _is_weight_file(name: str) -> bool:
+    return name in (SAFE_SINGLE, SAFE_INDEX) or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name) is not None
+
+
+def _save_hf(model: Decoder, path: str | None, max_shard_size, dtype, tokenizer, writer: bool) -> None:
+    """:func:`save_hf` into a local directory (``path`` is None on the processes that only help gather)."""
+    from safetensors.numpy import save_file
+
     limit = parse_size(max_shard_size)
     cfg = model.cfg
-    writer = jax.process_index() == 0
     out_dtype = np.dtype(dtype) if dtype is not None else None
 
     wmap = weight_map(cfg)
@@ -417,7 +454,7 @@ def save_hf(model: Decoder, path, out_path: str | None = None, *, max_shard_size
         hf_cfg.dtype = str(jnp.dtype(out_dtype if out_dtype is not None else params[0][1].get_value().dtype))
         hf_cfg.save_pretrained(path)
         for name in os.listdir(path):  # weights of an earlier save would mix with these
-            if name in (SAFE_SINGLE, SAFE_INDEX) or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name):
+            if _is_weight_file(name):
                 os.remove(os.path.join(path, name))
     weight_index, total = {}, 0
     for i, shard in enumerate(shards):

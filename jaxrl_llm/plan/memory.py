@@ -86,10 +86,13 @@ class StepShapes:
     score_micro: int  # rows per forward of the scoring passes
 
 
+PLAN_PROMPT_TOKENS = 64  # the prompt length planned for when data.max_prompt_tokens is null
+
+
 def step_shapes(cfg, sizes: dict[str, int]) -> StepShapes:
     rows = cfg.train.prompts_per_step * cfg.rollout.n
     minibatch = rows // cfg.algorithm.minibatches
-    return StepShapes(dp=sizes["data"] * sizes["fsdp"], prompt=cfg.data.max_prompt_tokens,
+    return StepShapes(dp=sizes["data"] * sizes["fsdp"], prompt=cfg.data.max_prompt_tokens or PLAN_PROMPT_TOKENS,
                       response=cfg.rollout.max_new_tokens, rows=rows, micro=cfg.train.micro_batch_size,
                       num_micro=minibatch // cfg.train.micro_batch_size,
                       # the exact replay scores a whole step at once (the sampler's own batch)

@@ -9,7 +9,7 @@ import textwrap
 from jaxrl_llm.plan.analytic import analytic_plan
 from jaxrl_llm.plan.inputs import (ACCELERATORS, PlanError, accelerator_memory, fmt_bytes, load_plan_config,
                                   mesh_text, parse_mesh, resolve_mesh, resolve_model, with_model)
-from jaxrl_llm.plan.memory import MemoryPlan, StepShapes, step_shapes
+from jaxrl_llm.plan.memory import PLAN_PROMPT_TOKENS, MemoryPlan, StepShapes, step_shapes
 from jaxrl_llm.plan.search import (Variant, combined_variant, evaluate, mesh_overrides, result_json, run_here,
                                    run_subprocess, suggestion_groups, compile_location)
 
@@ -109,6 +109,9 @@ def plan(config: str | None, overrides=(), *, mesh: str | None = None, devices: 
                     param_dtype=cfg.model.param_dtype, analytic=analytic_plan(cfg, mc, sizes), compiled=None)
     groups = suggestion_groups(cfg, sizes) if suggest and usable is not None else []
     results = {}
+    if cfg.data.max_prompt_tokens is None:  # a run derives it from its data at start; a plan reads no data
+        report.notes.append(f"data.max_prompt_tokens is null (a run derives it from its data): planned for "
+                            f"{PLAN_PROMPT_TOKENS} prompt tokens; give the length of your prompts")
     if analytic_only:
         report.notes.append("analytic estimate only (--analytic)")
     else:

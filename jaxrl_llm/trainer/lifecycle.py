@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -35,6 +34,7 @@ import time
 
 import numpy as np
 
+from jaxrl_llm import paths
 from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.errors import UserError
 
@@ -45,6 +45,10 @@ RUN_ARTEFACTS = ("checkpoints", "metrics.jsonl", "tensorboard", "hf", "config.ya
 
 
 def _check_writable(run_dir: str) -> None:
+    if paths.is_uri(run_dir):  # remote storage: written through the path layer, checked by its first write
+        paths.makedirs(run_dir)
+        return
+    run_dir = paths.local_path(run_dir) or run_dir
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise UserError(f"log.run_dir={run_dir} is a file, not a directory")
     try:
@@ -57,11 +61,11 @@ def _check_writable(run_dir: str) -> None:
 
 def _delete_artefacts(run_dir: str) -> None:
     for name in RUN_ARTEFACTS:
-        path = os.path.join(run_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
+        path = paths.join(run_dir, name)
+        if paths.isdir(path):
+            paths.rmtree(path)
+        elif paths.exists(path):
+            paths.remove(path)
 
 
 def _sync(name: str) -> None:
@@ -81,12 +85,13 @@ def open_checkpoints(cfg) -> Checkpointer:
     run_dir, c = cfg.log.run_dir, cfg.checkpoint
     if jax.process_index() == 0:
         _check_writable(run_dir)
-    directory = os.path.join(run_dir, "checkpoints")
+    directory = c.dir or paths.join(run_dir, "checkpoints")
     if c.overwrite:
         if jax.process_index() == 0:
             _delete_artefacts(run_dir)
         _sync("jaxrl_llm_overwrite")  # no process may list the old checkpoints after this point
-    checkpointer = Checkpointer(directory, keep=c.keep, async_save=c.async_save)
+    checkpointer = Checkpointer(directory, keep=c.keep, async_save=c.async_save, best_metric=c.best_metric,
+                                best_mode=c.best_mode)
     latest = checkpointer.latest_step()
     if latest is not None and not c.resume:
         checkpointer.close()

@@ -12,15 +12,15 @@ interrupted run continues exactly as an uninterrupted one would.
 """
 from __future__ import annotations
 
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrl_llm import paths
 from jaxrl_llm.config import ConfigError, TrainConfig, mesh_sizes, save_config, validate
-from jaxrl_llm.data import PromptStream, load_rows
+from jaxrl_llm.data import training_prompts
 from jaxrl_llm.distributed import host
 from jaxrl_llm.errors import Interrupted, blame
 from jaxrl_llm.hardware import peak_tflops
@@ -31,6 +31,7 @@ from jaxrl_llm.sampling import Sampler
 from jaxrl_llm.tokenizer import load_tokenizer
 from jaxrl_llm.tracking import MetricsLogger, Progress
 from jaxrl_llm.trainer.async_resume import checkpoint_entries
+from jaxrl_llm.trainer.evaluation import Evaluator
 from jaxrl_llm.trainer.experience import make_experience
 from jaxrl_llm.trainer.guard import StepChecks, check_finite
 from jaxrl_llm.trainer.lifecycle import StopWatch, open_checkpoints
@@ -95,25 +96,31 @@ class RLTrainer:
         model, self.model_cfg = self._load_model()
         _check_model_switches(cfg, self.model_cfg)
         with blame("model.path", cfg.model.path):
-            self.tokenizer = load_tokenizer(cfg.model.path)
+            self.tokenizer = load_tokenizer(cfg.model.path, cache_dir=cfg.model.cache_dir)
         self.sampler = sampler = make_sampler(cfg, model)
         self.learner = Learner(cfg, model, self.layout,
                                critic_trunk=self._load_model()[0] if a.advantage == "gae" else None)
         ref_state = (nnx.merge_state(jax.tree.map(jnp.copy, self.learner.params), self.learner.rest)
                      if a.kl_coef > 0 else None)
         self.scorer = Scorer(cfg, self.learner.graphdef, sampler, self.layout, ref_state=ref_state)
-        # every process reads only its share of each global batch of prompts (RolloutWorker.sample)
+        # every prompt is validated here (data.max_prompt_tokens derived when null); every process reads only its
+        # share of each global batch of prompts (RolloutWorker.sample)
         with blame("data.path" if cfg.data.path else "data.task_kwargs", cfg.data.path or cfg.data.task_kwargs,
                    (OSError, ValueError, TypeError)):
-            stream = PromptStream(load_rows(cfg.data), cfg.train.prompts_per_step, seed=cfg.data.seed,
-                                  shuffle=cfg.data.shuffle)
+            self.prompts = training_prompts(cfg, self.tokenizer)
         reward_fns = [(s.name, get_reward(s.name, **s.kwargs), s.weight) for s in cfg.reward.fns]
         self.checks = StepChecks(cfg)  # divergence and failing rewards, after every step (guard.py)
-        worker = RolloutWorker(cfg, sampler, sampling_params(cfg, self.tokenizer), self.tokenizer, stream,
+        sampling = sampling_params(cfg, self.tokenizer)
+        worker = RolloutWorker(cfg, sampler, sampling, self.prompts.encoder, self.tokenizer, self.prompts.stream,
                                reward_fns, sampler_layout or self.layout, self.layout, jax.random.key(cfg.train.seed),
                                first_errors=self.checks.rewards.first_errors)
+        with blame("eval.data.path", cfg.eval.data.path, (OSError, ValueError, TypeError)):
+            self.evaluator = Evaluator.for_run(cfg, tokenizer=self.tokenizer, sampler=sampler, sampling=sampling,
+                                               reward_fns=reward_fns, mesh=self.layout.mesh,
+                                               holdout=self.prompts.holdout, encoder=self.prompts.encoder)
         self.rollouts = RolloutEngine(worker, asynchronous=cfg.rollout.async_rollout, sampler_layout=sampler_layout)
         self.step = 0
+        self._evaluated: dict[str, float] = {}  # this step's evaluation metrics (rank the best checkpoint)
         self.checkpointer = open_checkpoints(cfg)  # resume, refuse or overwrite (lifecycle.py)
         if self.checkpointer.latest_step() is not None:
             self._restore()
@@ -123,7 +130,7 @@ class RLTrainer:
         m = self.cfg.model
         with blame("model.path", m.path):
             return load_hf(m.path, mesh=self.layout.mesh, rules=self.layout.rules, dtype=DTYPES[m.dtype],
-                           param_dtype=DTYPES[m.param_dtype], remat=m.remat)
+                           param_dtype=DTYPES[m.param_dtype], remat=m.remat, cache_dir=m.cache_dir)
 
     def __enter__(self) -> "RLTrainer":
         return self
@@ -187,7 +194,8 @@ class RLTrainer:
         if self.is_main:
             print(f"[jaxrl_llm] resumed from step {self.step} in {self.checkpointer.directory}")
 
-    def save(self) -> None:
+    def save(self, metrics: dict | None = None) -> None:
+        """A checkpoint of this step; ``metrics`` (an evaluation's) rank it when the best one is kept."""
         if self.checkpointer.latest_step() == self.step:  # saved already (a resumed run that had finished)
             return
         critic = self.learner.critic
@@ -196,14 +204,14 @@ class RLTrainer:
         point = self.rollouts.resume_point
         meta = {"data": point.data if point else self.rollouts.worker.stream.get_state(), "step": self.step,
                 "pending": bool(point)}
-        self.checkpointer.save(self.step, self._state(), meta)
+        self.checkpointer.save(self.step, self._state(), meta, metrics=metrics)
 
     def model(self):
         return self.learner.model()
 
     def export_hf(self, path: str | None = None) -> str:
         """Write the policy as a Hugging Face checkpoint (called by every process; process 0 writes)."""
-        path = path or os.path.join(self.run_dir, "hf")
+        path = path or paths.join(self.run_dir, "hf")
         params = self.learner.params
         check_finite(params, f"the policy to {path}")
         if jax.process_count() > 1:
@@ -219,10 +227,11 @@ class RLTrainer:
         cfg = self.cfg
         end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
         if self.is_main:
-            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+            save_config(cfg, paths.join(self.run_dir, "config.yaml"))
         # rows of steps after the restored checkpoint (an attempt that got further) are dropped first
-        logger = MetricsLogger(self.run_dir, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard,
-                               enabled=self.is_main, keep_through=self.step)
+        logger = MetricsLogger.for_run(cfg, enabled=self.is_main, keep_through=self.step)
+        if self.evaluator is not None and self.step == 0 and self.evaluator.due(0):
+            logger.log(0, self.evaluator.run(0, self.learner.policy_state()))
         last: dict[str, float] = {}
         watch = StopWatch(cfg.checkpoint.every, cfg.checkpoint.every_minutes, self.checkpointer)
         self.checks.start(self.learner.params, self.checkpointer)
@@ -232,7 +241,8 @@ class RLTrainer:
                 while self.step < end:
                     last = self._logged_step(logger, bar)
                     self._after_step(watch)
-            self.save()
+            if self.checkpointer.latest_step() != self.step:
+                self.save()
             self.checkpointer.wait()
         finally:
             logger.close()
@@ -245,6 +255,9 @@ class RLTrainer:
     def _logged_step(self, logger, bar) -> dict[str, float]:
         """One step, its metrics logged; a run that diverged or whose rewards keep failing stops here."""
         metrics = self.train_step()
+        if self.evaluator is not None:
+            self._evaluated = self.evaluator.maybe_run(self.step, self.learner.policy_state())
+            metrics.update(self._evaluated)
         problem = self.checks.inspect(self.step, self.learner.params, metrics)
         logger.log(self.step, metrics)
         if problem is not None:
@@ -256,8 +269,9 @@ class RLTrainer:
     def _after_step(self, watch: StopWatch) -> None:
         """Signals, preemption notices and periodic saves at a step boundary."""
         poll = watch.poll(self.step)
-        if poll.save:
-            self.save()
+        evaluated, self._evaluated = self._evaluated, {}
+        if poll.save or (evaluated and self.cfg.checkpoint.best_metric):  # an evaluated step can be the best one
+            self.save(metrics=evaluated or None)
             watch.saved()
         if poll.stop:
             self.checkpointer.wait()
@@ -266,6 +280,7 @@ class RLTrainer:
 
     def close(self) -> None:
         self.rollouts.close()
+        self.prompts.close()
         self.checkpointer.close()
 
 

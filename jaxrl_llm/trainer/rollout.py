@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_llm import advantages as A
-from jaxrl_llm.data import tokenize_prompts
 from jaxrl_llm.distributed import gather_blocks, host, owned_rows, rows_on_this_process, sum_blocks
 from jaxrl_llm.parallel import Layout
 from jaxrl_llm.rewards import compute_rewards
@@ -88,9 +87,10 @@ class RolloutWorker:
     """Samples rounds of prompts with ``sampler`` on ``layout`` (the trainer's devices, or the sampler's own) and
     scores them. Owns the prompt stream and the sampling PRNG key, which together say where a run is."""
 
-    def __init__(self, cfg, sampler, params: SamplingParams, tokenizer, stream, reward_fns, layout: Layout,
+    def __init__(self, cfg, sampler, params: SamplingParams, encoder, tokenizer, stream, reward_fns, layout: Layout,
                  train_layout: Layout, key, first_errors: dict | None = None):
         self.cfg, self.sampler, self.params, self.tokenizer = cfg, sampler, params, tokenizer
+        self.encoder = encoder  # prompt rows to left-padded token ids (chat template, truncation)
         self.stream, self.reward_fns, self.layout, self.train_layout = stream, reward_fns, layout, train_layout
         self.key = key
         self.first_errors = first_errors  # each reward function's first failure, by name (guard.py stops on them)
@@ -98,13 +98,12 @@ class RolloutWorker:
     def sample(self, state) -> dict:
         """Device part of one round: a global batch of prompts sampled ``n`` times. Each process reads only the
         prompts its sampling devices hold and those of the rollout rows whose rewards it computes (its block)."""
-        cfg, n, b = self.cfg, self.cfg.rollout.n, self.cfg.train.prompts_per_step
+        n, b = self.cfg.rollout.n, self.cfg.train.prompts_per_step
         owned = owned_rows(b * n)
         sharding = self.layout.rows(b)  # prompts split over the data-parallel devices: each samples its share
         positions = np.union1d(rows_on_this_process(sharding, b), owned // n)
         rows = dict(zip(positions.tolist(), self.stream.next_batch(positions)))
-        local_ids, local_mask = tokenize_prompts(self.tokenizer, [rows[i]["prompt"] for i in positions],
-                                                 cfg.data.max_prompt_tokens, chat_template=cfg.data.chat_template)
+        local_ids, local_mask = self.encoder.encode([rows[i] for i in positions])
         ids = np.zeros((b,) + local_ids.shape[1:], local_ids.dtype)
         mask = np.zeros((b,) + local_mask.shape[1:], bool)
         ids[positions], mask[positions] = local_ids, local_mask  # rows held elsewhere stay unread
