@@ -33,7 +33,7 @@ __all__ = [
     "MeshSection", "CheckpointSection", "LogSection", "RewardSpec", "RewardSection", "ConfigError",
     "load_config", "validate", "to_yaml", "save_config", "summary", "config_keys",
     "POLICY_LOSSES", "AGG_MODES", "KL_ESTIMATORS", "ADVANTAGES", "GROUP_ADVANTAGES", "CRITICS", "DTYPES",
-    "REMAT", "SOURCES", "TASKS", "SCHEDULES", "CONSISTENCY", "COV_PENALTIES", "ROLLOUT_IS", "ROLLOUT_MASK",
+    "REMAT", "ATTENTION", "SOURCES", "TASKS", "SCHEDULES", "CONSISTENCY", "COV_PENALTIES", "ROLLOUT_IS", "ROLLOUT_MASK",
 ]
 
 # Allowed names. They mirror the loss/advantage libraries but are kept here so that reading a config needs
@@ -46,6 +46,7 @@ ADVANTAGES = GROUP_ADVANTAGES + ("reinforce_pp", "gae")
 CRITICS = ("separate",)  # a separate value model: a trunk initialised from the policy plus a linear value head
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
+ATTENTION = ("auto", "dense", "blockwise", "cudnn", "splash")  # jaxrl_llm.models.attention.KERNELS
 SOURCES = ("task", "gym", "jsonl", "parquet")
 TASKS = ("arith",)
 SCHEDULES = ("constant", "cosine", "linear")
@@ -72,6 +73,9 @@ class ModelSection:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"  # storage dtype of the trained parameters
     remat: str = "none"  # activation rematerialisation per layer: none | full | dots
+    # attention kernel: auto | dense | blockwise | cudnn (NVIDIA GPUs) | splash (TPUs). auto: splash on TPUs,
+    # cuDNN on GPUs where it needs no [T, S] mask, else blockwise; on CPUs dense up to 1024 keys, then blockwise
+    attention: str = "auto"
 
 
 @dataclass
@@ -425,6 +429,7 @@ def _check_model_data(cfg: TrainConfig) -> None:
     _choice(m.dtype, "model.dtype", DTYPES)
     _choice(m.param_dtype, "model.param_dtype", DTYPES)
     _choice(m.remat, "model.remat", REMAT)
+    _choice(m.attention, "model.attention", ATTENTION)
     _choice(d.source, "data.source", SOURCES)
     if d.source == "task":
         _choice(d.task, "data.task", TASKS)

@@ -31,11 +31,12 @@ Decoding (one query per row against the KV cache) always runs :func:`decode_atte
 the same online softmax over the cache's key blocks, only up to the block holding the newest slot.
 
 Block layout shared by every caller. ``KEY_BLOCK`` is one constant for prefill, the training forward and the
-decode step: key block ``b`` is always the slots ``[b * KEY_BLOCK, (b + 1) * KEY_BLOCK)``, visited in ascending
-order, with slots past the end padded as invalid keys (the KV cache is allocated in whole key blocks,
-:func:`cache_slots`, and a sequence without a cache is padded to whole key blocks). A query position therefore
-meets the same key blocks, in the same order, with the same padding, whether it is decoded or trained on: the
-condition for making the two agree bit for bit.
+decode step: over a key range of ``S`` slots (the KV cache's, or the sequence's own), key block ``b`` is the slots
+``[b * KEY_BLOCK, min((b + 1) * KEY_BLOCK, S))`` (the last block is cut, never padded), and blocks are visited in
+ascending order. The sampler's cache and the trainer's ``[prompt | response]`` sequence have the same ``S``
+(prompt width + ``max_new_tokens``), so a query position meets the same key blocks, in the same order, with the same
+extent, whether it is decoded or trained on: the condition for making the two agree bit for bit. (The cache is not
+padded to whole blocks: a decode step over a short cache reads no more slots than it holds.)
 """
 from __future__ import annotations
 
@@ -52,12 +53,7 @@ QUERY_BLOCK = 512
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 __all__ = ["AttentionMask", "KERNELS", "KEY_BLOCK", "QUERY_BLOCK", "attend", "blockwise_attention",
-           "cache_slots", "check_kernel", "decode_attention", "dense_attention", "resolve"]
-
-
-def cache_slots(max_len: int) -> int:
-    """KV cache slots for ``max_len`` tokens: whole key blocks."""
-    return -(-max_len // KEY_BLOCK) * KEY_BLOCK
+           "check_kernel", "decode_attention", "dense_attention", "resolve"]
 
 
 @flax.struct.dataclass
@@ -84,12 +80,11 @@ class AttentionMask:
             ok = ok & ((ks == 0) | (ks == qs))
         return ok
 
-    def padded(self, t: int, s: int) -> "AttentionMask":
-        """The same mask for ``t`` queries and ``s`` key slots (the added ones hold nothing)."""
-        def pad(x, n, value):
-            return None if x is None else jnp.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=value)
-        return self.replace(k_valid=pad(self.k_valid, s, False), q_segment=pad(self.q_segment, t, 0),
-                            k_segment=pad(self.k_segment, s, 0))
+    def padded(self, t: int) -> "AttentionMask":
+        """The same mask for ``t`` queries (the added ones in segment 0)."""
+        if self.q_segment is None:
+            return self
+        return self.replace(q_segment=jnp.pad(self.q_segment, ((0, 0), (0, t - self.q_segment.shape[1]))))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,14 +98,23 @@ def available(backend: str | None = None) -> tuple[str, ...]:
     return ("auto", "dense", "blockwise") + extra
 
 
-def check_kernel(kind: str) -> None:
-    """Raise at start when ``model.attention`` names no kernel, or one this backend does not have."""
+def check_kernel(kind: str, *, dtype=jnp.float32, head_dim: int = 128) -> None:
+    """Raise at start when ``model.attention`` names no kernel, one this backend does not have, or cuDNN with a
+    precision or head size it does not take."""
     if kind not in KERNELS:
         raise ValueError(f"model.attention must be one of {KERNELS}, got {kind!r}")
     have = available()
     if kind not in have:
         raise ValueError(f"model.attention={kind!r} does not run on the {jax.default_backend()} backend; "
                          f"available here: {', '.join(have)}")
+    if kind == "cudnn" and not _cudnn_fits(dtype, head_dim):
+        raise ValueError(f"model.attention='cudnn' needs model.dtype bfloat16 (or float16) and a head dimension "
+                         f"that is a multiple of 8 up to 128; got {jnp.dtype(dtype).name} and {head_dim}")
+
+
+def _cudnn_fits(dtype, head_dim: int) -> bool:
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return half and head_dim % 8 == 0 and head_dim <= 128
 
 
 # Up to this many key slots, ``auto`` on CPU takes ``dense``: at 1k tokens blockwise's loops cost more than the
@@ -130,10 +134,7 @@ def resolve(kind: str, *, keys: int, head_dim: int, dtype, cached: bool, segment
     if backend == "tpu":
         return "splash"
     if backend in ("gpu", "cuda"):
-        half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        if half and head_dim % 8 == 0 and head_dim <= 128 and not cached and not segments:
-            return "cudnn"
-        return "blockwise"
+        return "cudnn" if _cudnn_fits(dtype, head_dim) and not cached and not segments else "blockwise"
     return "dense" if keys <= CPU_DENSE_MAX_KEYS else "blockwise"
 
 
@@ -185,26 +186,44 @@ def _online_update(carry, scores, allowed, values_of):
     return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + values_of(p)
 
 
-def decode_attention(q, k_cache, v_cache, mask: AttentionMask, *, dt):
-    """One query per row against the cache ``k [B, kv, d, S]``, ``v [B, kv, S, d]`` (``S`` whole key blocks):
-    key blocks ``0 .. q_offset // KEY_BLOCK`` in ascending order, the blocks after the newest slot unread.
+def _visit_key_blocks(slots: int, seen_end, block, carry):
+    """``carry = block(start, size, carry)`` for the key blocks that start before slot ``seen_end`` (may be traced),
+    in ascending order: blocks of ``KEY_BLOCK`` slots from slot 0, the last one cut at ``slots``. The full blocks
+    run in a loop with a dynamic trip count (none when there is only one), the cut block under a conditional."""
+    full, cut = divmod(slots, KEY_BLOCK)
+    if full == 1:  # every query sees slot 0
+        carry = block(0, KEY_BLOCK, carry)
+    elif full:
+        count = jnp.clip((seen_end + KEY_BLOCK - 1) // KEY_BLOCK, 0, full)
+        carry = jax.lax.fori_loop(0, count, lambda j, c: block(j * KEY_BLOCK, KEY_BLOCK, c), carry)
+    if cut and not full:
+        carry = block(0, cut, carry)
+    elif cut:
+        start = full * KEY_BLOCK
+        carry = jax.lax.cond(seen_end > start, lambda c: block(start, cut, c), lambda c: c, carry)
+    return carry
 
-    ``q [B, 1, kv, g, d]``; returns ``[B, 1, kv, g, d]`` in ``dt``. A cache of one block is read without a loop
-    (the loop's single iteration, without the loop's overhead)."""
+
+def _seen_end(mask: AttentionMask, q_end, slots: int):
+    """One past the last key slot the queries before ``q_end`` may see."""
+    return mask.q_offset + q_end if mask.causal else slots
+
+
+def decode_attention(q, k_cache, v_cache, mask: AttentionMask, *, dt):
+    """One query per row against the cache ``k [B, kv, d, S]``, ``v [B, kv, S, d]``: the key blocks up to the one
+    holding slot ``q_offset`` (the newest), in ascending order; the blocks after it are not read.
+
+    ``q [B, 1, kv, g, d]``; returns ``[B, 1, kv, g, d]`` in ``dt``."""
     b, _, kv, g, d = q.shape
-    slots = k_cache.shape[3]
-    if slots % KEY_BLOCK:
-        raise ValueError(f"a KV cache of {slots} slots is not whole key blocks of {KEY_BLOCK} (see cache_slots)")
     scale = 1.0 / math.sqrt(d)
     q32 = q[:, 0, :, :, :, None].astype(jnp.float32)  # [B, kv, g, d, 1]
 
-    def block(i, carry):
-        start = i * KEY_BLOCK
-        k = jax.lax.dynamic_slice_in_dim(k_cache, start, KEY_BLOCK, axis=3).astype(dt)
-        v = jax.lax.dynamic_slice_in_dim(v_cache, start, KEY_BLOCK, axis=2).astype(dt)
+    def block(start, size, carry):
+        k = jax.lax.dynamic_slice_in_dim(k_cache, start, size, axis=3).astype(dt)
+        v = jax.lax.dynamic_slice_in_dim(v_cache, start, size, axis=2).astype(dt)
         # multiply-reduce instead of many tiny batched matrix products
-        scores = jnp.sum(q32 * k[:, :, None].astype(jnp.float32), axis=3) * scale  # [B, kv, g, KEY_BLOCK]
-        allowed = mask.block(0, 1, start, KEY_BLOCK)[:, None]  # [B, 1, 1, KEY_BLOCK]
+        scores = jnp.sum(q32 * k[:, :, None].astype(jnp.float32), axis=3) * scale  # [B, kv, g, size]
+        allowed = mask.block(0, 1, start, size)[:, None]  # [B, 1, 1, size]
 
         def values_of(p):
             return jnp.sum(p.astype(dt)[..., None] * v[:, :, None], axis=3, dtype=jnp.float32)
@@ -212,23 +231,12 @@ def decode_attention(q, k_cache, v_cache, mask: AttentionMask, *, dt):
 
     init = (jnp.full((b, kv, g), -jnp.inf, jnp.float32), jnp.zeros((b, kv, g), jnp.float32),
             jnp.zeros((b, kv, g, d), jnp.float32))
-    if slots == KEY_BLOCK:
-        _, l, acc = block(0, init)
-    else:
-        filled = jnp.minimum(mask.q_offset // KEY_BLOCK + 1, slots // KEY_BLOCK)
-        _, l, acc = jax.lax.fori_loop(0, filled, block, init)
+    _, l, acc = _visit_key_blocks(k_cache.shape[3], mask.q_offset + 1, block, init)
     return (acc / l[..., None]).astype(dt)[:, None]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # blockwise (flash attention in JAX)
-
-
-def _key_blocks_seen(mask: AttentionMask, q_end, n_keys: int):
-    """How many key blocks the queries before ``q_end`` (exclusive) see: all, or up to the last one's slot."""
-    if not mask.causal:
-        return n_keys
-    return jnp.clip((mask.q_offset + q_end - 1) // KEY_BLOCK + 1, 0, n_keys)
 
 
 def _first_query_block(mask: AttentionMask, key_start, bq: int):
@@ -242,21 +250,24 @@ def _scores(qb, kb, scale):
     return jnp.einsum("bkgqd,bkds->bkgqs", qb, kb, preferred_element_type=jnp.float32) * scale
 
 
+def _key_slices(k_t, v, start, size: int, dt):
+    return (jax.lax.dynamic_slice_in_dim(k_t, start, size, axis=3).astype(dt),
+            jax.lax.dynamic_slice_in_dim(v, start, size, axis=2).astype(dt))
+
+
 def _flash_forward(q, k_t, v, mask, bq: int):
-    """``q [B, kv, g, Tp, d]``, ``k_t [B, kv, d, Sp]``, ``v [B, kv, Sp, d]`` (whole blocks) -> out, lse."""
+    """``q [B, kv, g, Tp, d]`` (whole query blocks), ``k_t [B, kv, d, S]``, ``v [B, kv, S, d]`` -> out, lse."""
     b, kv, g, tp, d = q.shape
     scale = 1.0 / math.sqrt(d)
-    n_keys = k_t.shape[3] // KEY_BLOCK
+    slots = k_t.shape[3]
     dt = q.dtype
 
     def query_block(i):
         qb = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=3)
 
-        def key_block(j, carry):
-            start = j * KEY_BLOCK
-            kb = jax.lax.dynamic_slice_in_dim(k_t, start, KEY_BLOCK, axis=3).astype(dt)
-            vb = jax.lax.dynamic_slice_in_dim(v, start, KEY_BLOCK, axis=2).astype(dt)
-            allowed = mask.block(i * bq, bq, start, KEY_BLOCK)[:, None, None]
+        def key_block(start, size, carry):
+            kb, vb = _key_slices(k_t, v, start, size, dt)
+            allowed = mask.block(i * bq, bq, start, size)[:, None, None]
 
             def values_of(p):
                 return jnp.einsum("bkgqs,bksd->bkgqd", p.astype(dt), vb, preferred_element_type=jnp.float32)
@@ -264,7 +275,7 @@ def _flash_forward(q, k_t, v, mask, bq: int):
 
         init = (jnp.full((b, kv, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, kv, g, bq), jnp.float32),
                 jnp.zeros((b, kv, g, bq, d), jnp.float32))
-        m, l, acc = jax.lax.fori_loop(0, _key_blocks_seen(mask, (i + 1) * bq, n_keys), key_block, init)
+        m, l, acc = _visit_key_blocks(slots, _seen_end(mask, (i + 1) * bq, slots), key_block, init)
         return (acc / l[..., None]).astype(dt), m + jnp.log(l)
 
     out, lse = jax.lax.map(query_block, jnp.arange(tp // bq))  # [nq, B, kv, g, bq, ...]
@@ -276,24 +287,22 @@ def _flash_backward(q, k_t, v, mask, out, lse, dout, bq: int):
     block, a loop over the query blocks that see it accumulates its ``dk, dv`` and adds to ``dq``."""
     b, kv, g, tp, d = q.shape
     scale = 1.0 / math.sqrt(d)
-    n_keys = k_t.shape[3] // KEY_BLOCK
+    slots = k_t.shape[3]
     dt = q.dtype
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # D_i [B, kv, g, Tp]
 
-    def key_block(j, carry):
+    def key_block(start, size, carry):
         dq, dk, dv = carry
-        start = j * KEY_BLOCK
-        kb = jax.lax.dynamic_slice_in_dim(k_t, start, KEY_BLOCK, axis=3).astype(dt)
-        vb = jax.lax.dynamic_slice_in_dim(v, start, KEY_BLOCK, axis=2).astype(dt)
+        kb, vb = _key_slices(k_t, v, start, size, dt)
 
         def query_block(i, c):
             dq, dkb, dvb = c
             qs = i * bq
             qb, dob = (jax.lax.dynamic_slice_in_dim(x, qs, bq, axis=3) for x in (q, dout))
             lse_b, delta_b = (jax.lax.dynamic_slice_in_dim(x, qs, bq, axis=3) for x in (lse, delta))
-            allowed = mask.block(qs, bq, start, KEY_BLOCK)[:, None, None]
+            allowed = mask.block(qs, bq, start, size)[:, None, None]
             scores = jnp.where(allowed, _scores(qb, kb, scale), MASK_VALUE)
-            p = jnp.exp(scores - lse_b[..., None])  # [B, kv, g, bq, KEY_BLOCK]
+            p = jnp.exp(scores - lse_b[..., None])  # [B, kv, g, bq, size]
             dvb = dvb + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(dt), dob, preferred_element_type=jnp.float32)
             dp = jnp.einsum("bkgqd,bksd->bkgqs", dob, vb, preferred_element_type=jnp.float32)
             ds = (p * (dp - delta_b[..., None]) * scale).astype(dt)
@@ -303,14 +312,14 @@ def _flash_backward(q, k_t, v, mask, out, lse, dout, bq: int):
                 dq, jax.lax.dynamic_slice_in_dim(dq, qs, bq, axis=3) + dq_b, qs, axis=3)
             return dq, dkb, dvb
 
-        init = (dq, jnp.zeros((b, kv, d, KEY_BLOCK), jnp.float32), jnp.zeros((b, kv, KEY_BLOCK, d), jnp.float32))
+        init = (dq, jnp.zeros((b, kv, d, size), jnp.float32), jnp.zeros((b, kv, size, d), jnp.float32))
         dq, dkb, dvb = jax.lax.fori_loop(_first_query_block(mask, start, bq), tp // bq, query_block, init)
         dk = jax.lax.dynamic_update_slice_in_dim(dk, dkb, start, axis=3)
         dv = jax.lax.dynamic_update_slice_in_dim(dv, dvb, start, axis=2)
         return dq, dk, dv
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k_t.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    dq, dk, dv = jax.lax.fori_loop(0, _key_blocks_seen(mask, tp, n_keys), key_block, init)
+    dq, dk, dv = _visit_key_blocks(slots, _seen_end(mask, tp, slots), key_block, init)
     return dq.astype(q.dtype), dk.astype(k_t.dtype), dv.astype(v.dtype)
 
 
@@ -334,17 +343,13 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def blockwise_attention(q, k_t, v, mask: AttentionMask, *, dt):
-    """Flash attention over keys ``k_t [B, kv, d, S]``, values ``v [B, kv, S, d]`` (the KV cache's layout; any
-    ``S``, padded here to whole key blocks) for ``q [B, T, kv, g, d]``; returns ``[B, T, kv, g, d]`` in ``dt``."""
+    """Flash attention over keys ``k_t [B, kv, d, S]``, values ``v [B, kv, S, d]`` (the KV cache's layout) for
+    ``q [B, T, kv, g, d]``; returns ``[B, T, kv, g, d]`` in ``dt``."""
     b, t, kv, g, d = q.shape
     bq = min(QUERY_BLOCK, -(-t // 8) * 8)
     tp = -(-t // bq) * bq
-    sp = cache_slots(k_t.shape[3])
-    if sp != k_t.shape[3]:
-        k_t = jnp.pad(k_t, ((0, 0), (0, 0), (0, 0), (0, sp - k_t.shape[3])))
-        v = jnp.pad(v, ((0, 0), (0, 0), (0, sp - v.shape[2]), (0, 0)))
     qh = jnp.pad(q.astype(dt).transpose(0, 2, 3, 1, 4), ((0, 0), (0, 0), (0, 0), (0, tp - t), (0, 0)))
-    out = _flash(qh, k_t, v, mask.padded(tp, sp), bq)
+    out = _flash(qh, k_t, v, mask.padded(tp), bq)
     return out[:, :, :, :t].transpose(0, 3, 1, 2, 4)
 
 

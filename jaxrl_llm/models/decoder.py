@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxrl_llm.models.attention import KERNELS, AttentionMask, cache_slots, check_kernel
+from jaxrl_llm.models.attention import KERNELS, AttentionMask, check_kernel
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.layers import MLP, Attention, LayerCache, MoE, RMSNorm, param, rope_inv_freq, rope_tables
 from jaxrl_llm.models.remat import REMAT_POLICIES, rematerialised
@@ -41,9 +41,6 @@ class KVCache:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache for at least ``max_len`` tokens: whole key blocks of the attention kernels
-    (:func:`jaxrl_llm.models.attention.cache_slots`), so every caller reads the same blocks."""
-    max_len = cache_slots(max_len)
     k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)
     v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
     return KVCache(k=tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers)),
@@ -92,7 +89,7 @@ class Decoder(nnx.Module):
                  remat: str = "none", attention: str = "auto"):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {remat!r}")
-        check_kernel(attention)
+        check_kernel(attention, dtype=dtype, head_dim=cfg.head_dim)
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat

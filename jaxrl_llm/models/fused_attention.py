@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_llm.models.attention import KEY_BLOCK, AttentionMask, cache_slots
+from jaxrl_llm.models.attention import AttentionMask
 
 __all__ = ["cudnn_attention", "splash_attention"]
 
@@ -73,14 +73,21 @@ def cudnn_attention(q, k, v, mask: AttentionMask, *, cache=None, dt, implementat
 # splash
 
 
+_LANES = 128  # splash's blocks are multiples of the TPU lane width
+
+
+def _lanes(n: int) -> int:
+    return -(-n // _LANES) * _LANES
+
+
 def _block(n: int) -> int:
-    return next(size for size in (512, 256, KEY_BLOCK) if n % size == 0)
+    return next(size for size in (512, 256, _LANES) if n % size == 0)
 
 
 @functools.lru_cache(maxsize=64)
 def _splash_kernel(heads: int, q_len: int, kv_len: int, causal: bool, interpret: bool):
     """A splash kernel for one example: ``q [heads, q_len, d]``, ``k, v [kv_heads, kv_len, d]`` (GQA when
-    ``kv_heads`` divides ``heads``), both lengths whole multiples of ``KEY_BLOCK``."""
+    ``kv_heads`` divides ``heads``), both lengths whole multiples of 128."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     shape = (q_len, kv_len)
@@ -168,7 +175,7 @@ def splash_attention(q, k, v, mask: AttentionMask, *, cache=None, dt, interpret:
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     b, t, kv, g, d = q.shape
-    tp = cache_slots(t)
+    tp = _lanes(t)
     scale = 1.0 / np.sqrt(d)
     qh = _pad_to((q.astype(dt) * jnp.asarray(scale, dt)).reshape(b, t, kv * g, d).transpose(0, 2, 1, 3), tp, 2)
     new_valid = mask.k_valid if cache is None else jax.lax.dynamic_slice_in_dim(mask.k_valid, mask.q_offset, t, 1)
@@ -177,13 +184,13 @@ def splash_attention(q, k, v, mask: AttentionMask, *, cache=None, dt, interpret:
     kernels = [_splash_kernel(kv * g, tp, tp, mask.causal, interpret)]
     parts = [(_pad_to(k.astype(dt).transpose(0, 2, 1, 3), tp, 2), _pad_to(v.astype(dt).transpose(0, 2, 1, 3), tp, 2),
               sa.SegmentIds(q=own, kv=own))]
-    slots = 0 if cache is None else cache[0].shape[3]
-    prefix = min(slots, cache_slots(slots - t)) if cache is not None else 0
-    if prefix:  # slots before q_offset: the cached prompt every query sees (a query never sits before slot 0)
-        k_pre = cache[0][..., :prefix].transpose(0, 1, 3, 2).astype(dt)
-        v_pre = cache[1][:, :, :prefix].astype(dt)
-        seen = (jnp.arange(prefix) < mask.q_offset) & mask.k_valid[:, :prefix]
-        kernels.append(_splash_kernel(kv * g, tp, prefix, False, interpret))
-        parts.append((k_pre, v_pre, sa.SegmentIds(q=jnp.ones((b, tp), jnp.int32), kv=seen.astype(jnp.int32))))
+    before = 0 if cache is None else cache[0].shape[3] - t  # the only slots that can precede q_offset
+    if before:  # the cached prompt every query sees
+        n = _lanes(before)
+        k_pre = _pad_to(cache[0][..., :before].transpose(0, 1, 3, 2).astype(dt), n, 2)
+        v_pre = _pad_to(cache[1][:, :, :before].astype(dt), n, 2)
+        seen = _pad_to(((jnp.arange(before) < mask.q_offset) & mask.k_valid[:, :before]).astype(jnp.int32), n, 1)
+        kernels.append(_splash_kernel(kv * g, tp, n, False, interpret))
+        parts.append((k_pre, v_pre, sa.SegmentIds(q=jnp.ones((b, tp), jnp.int32), kv=seen)))
     out = jax.vmap(lambda qb, pb: _merged(tuple(kernels), qb, pb))(qh, tuple(parts))
     return out[:, :, :t].transpose(0, 2, 1, 3).reshape(b, t, kv, g, d)

@@ -200,6 +200,10 @@ class RLTrainer:
 
     def _check_model_switches(self) -> None:
         a, r, m = self.cfg.algorithm, self.cfg.rollout, self.model_cfg
+        if self.cfg.data.max_prompt_tokens + r.max_new_tokens > m.max_position_embeddings:
+            raise ValueError(f"data.max_prompt_tokens={self.cfg.data.max_prompt_tokens} + rollout.max_new_tokens="
+                             f"{r.max_new_tokens} exceeds the model's max_position_embeddings "
+                             f"{m.max_position_embeddings} ({self.cfg.model.path})")
         if a.bupo_steps and not 0 <= a.bupo_layer < m.num_layers:
             raise ValueError(f"algorithm.bupo_layer={a.bupo_layer} is not a layer of the model "
                              f"(0..{m.num_layers - 1})")
@@ -226,7 +230,7 @@ class RLTrainer:
         """The checkpoint at ``model.path``, placed on the mesh with the configured dtypes and remat policy."""
         m = self.cfg.model
         return load_hf(m.path, mesh=self.mesh, dtype=_DTYPES[m.dtype], param_dtype=_DTYPES[m.param_dtype],
-                       remat=m.remat)
+                       remat=m.remat, attention=m.attention)
 
     def _optimizer(self, lr: float, params):
         """AdamW with the run's schedule (one update per minibatch) and its state placed on the mesh."""
