@@ -74,7 +74,7 @@ class ModelSection:
     param_dtype: str = "float32"  # storage dtype of the trained parameters
     remat: str = "none"  # activation rematerialisation per layer: none | full | dots
     # attention kernel: auto | dense | blockwise | cudnn (NVIDIA GPUs) | splash (TPUs). auto: splash on TPUs,
-    # cuDNN on GPUs where it needs no [T, S] mask, else blockwise; on CPUs dense up to 1024 keys, then blockwise
+    # cuDNN on GPUs where it needs no [T, S] mask, else blockwise; on CPUs dense up to 256 keys, then blockwise
     attention: str = "auto"
 
 

@@ -270,13 +270,14 @@ def _temp_bytes(model, t):
 
 
 @pytest.mark.slow
-def test_remat_lowers_compiled_memory():
-    # 4 layers, 1024 tokens, forward + backward: rematerialising each layer keeps one layer's activations at a
-    # time; saving the products' outputs (dots) keeps more, still far less than everything
-    temp = {r: _temp_bytes(_tiny(remat=r, num_layers=4), 1024) for r in ("none", "full", "dots")}
-    print({r: f"{b / 2**20:.1f} MiB" for r, b in temp.items()})
+@pytest.mark.parametrize("kind", ["dense", "blockwise"])
+def test_remat_lowers_compiled_memory(kind):
+    # 8 layers, 1024 tokens, forward + backward: rematerialising each layer keeps one layer's activations at a
+    # time; saving the products' outputs (dots) keeps more, still less than everything
+    temp = {r: _temp_bytes(_tiny(kind, remat=r, num_layers=8), 1024) for r in ("none", "full", "dots")}
+    print(kind, {r: f"{b / 2**20:.1f} MiB" for r, b in temp.items()})
     assert temp["full"] < 0.5 * temp["none"]
-    assert temp["full"] < temp["dots"] < 0.6 * temp["none"]
+    assert temp["full"] < temp["dots"] < 0.75 * temp["none"]
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ the sequence itself without a cache), query ``i`` sits at slot ``q_offset + i``,
 
 Left padding is ``k_valid``; packed responses are segments 1, 2, ...; segment 0 marks the cached shared prompt
 that every segment sees. Each kernel turns this into masks block by block, so no ``[B, T, S]`` array exists
-(``dense`` builds the full mask; it is the reference).
+(``dense`` builds the full mask; it is the reference). A query that may see no key at all (a padded one) gets an
+unspecified finite output, which kernels need not agree on and the model never uses.
 
 Kernels (``KERNELS``):
   * ``dense``: scores ``[B, kv, g, T, S]`` in float32, softmax, values. Memory quadratic in the length.
@@ -33,9 +34,9 @@ the same online softmax over the cache's key blocks, only up to the block holdin
 Block layout shared by every caller. ``KEY_BLOCK`` is one constant for prefill, the training forward and the
 decode step: over a key range of ``S`` slots (the KV cache's, or the sequence's own), key block ``b`` is the slots
 ``[b * KEY_BLOCK, min((b + 1) * KEY_BLOCK, S))`` (the last block is cut, never padded), and blocks are visited in
-ascending order. The sampler's cache and the trainer's ``[prompt | response]`` sequence have the same ``S``
-(prompt width + ``max_new_tokens``), so a query position meets the same key blocks, in the same order, with the same
-extent, whether it is decoded or trained on: the condition for making the two agree bit for bit. (The cache is not
+ascending order. Where the trainer's key range has the sampler's ``S`` (prompt width + response width), a query
+position meets the same key blocks, in the same order, with the same extent, whether it is decoded or trained on:
+the condition for making the two agree bit for bit. (The cache is not
 padded to whole blocks: a decode step over a short cache reads no more slots than it holds.)
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ import jax
 import jax.numpy as jnp
 
 KERNELS = ("auto", "dense", "blockwise", "cudnn", "splash")
-KEY_BLOCK = 128  # a multiple of 128, the TPU lane width, as splash's key blocks must be
+KEY_BLOCK = 128  # one row of TPU lanes; the same for every caller (module docstring)
 QUERY_BLOCK = 512
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -117,9 +118,11 @@ def _cudnn_fits(dtype, head_dim: int) -> bool:
     return half and head_dim % 8 == 0 and head_dim <= 128
 
 
-# Up to this many key slots, ``auto`` on CPU takes ``dense``: at 1k tokens blockwise's loops cost more than the
-# quadratic arrays (benchmarks/long_context.py, docs/benchmarks.md), while the memory saved is still small.
-CPU_DENSE_MAX_KEYS = 1024
+# Up to this many key slots ``auto`` on CPU takes ``dense``, beyond them ``blockwise``. Forward + backward of a small
+# decoder (benchmarks/long_context.py, docs/benchmarks.md): below ~200 keys blockwise's loops cost up to a quarter
+# more time, from ~200 to ~400 the two take the same time, and beyond, dense's quadratic arrays make it the slower
+# one (2x at 1k tokens, 4x at 2k) besides needing quadratic memory.
+CPU_DENSE_MAX_KEYS = 256
 
 
 def resolve(kind: str, *, keys: int, head_dim: int, dtype, cached: bool, segments: bool) -> str:
