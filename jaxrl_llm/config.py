@@ -36,8 +36,8 @@ __all__ = [
     "EvalDataSection", "ConfigError", "load_config", "validate", "to_yaml", "to_dict", "save_config", "summary",
     "config_keys", "mesh_sizes", "TRUNCATE",
     "POLICY_LOSSES", "AGG_MODES", "KL_ESTIMATORS", "ADVANTAGES", "GROUP_ADVANTAGES", "CRITICS", "DTYPES",
-    "REMAT", "SOURCES", "TASKS", "SCHEDULES", "CONSISTENCY", "COV_PENALTIES", "ROLLOUT_IS", "ROLLOUT_MASK",
-    "MESH_AXES", "LOGICAL_AXES",
+    "REMAT", "ATTENTION", "SOURCES", "TASKS", "SCHEDULES", "CONSISTENCY", "COV_PENALTIES", "ROLLOUT_IS",
+    "ROLLOUT_MASK", "MESH_AXES", "LOGICAL_AXES",
 ]
 
 # Allowed names. They mirror the loss/advantage libraries but are kept here so that reading a config needs
@@ -50,6 +50,7 @@ ADVANTAGES = GROUP_ADVANTAGES + ("reinforce_pp", "gae")
 CRITICS = ("separate",)  # a separate value model: a trunk initialised from the policy plus a linear value head
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")
+ATTENTION = ("auto", "dense", "blockwise", "cudnn", "splash")  # jaxrl_llm.models.attention.KERNELS
 SOURCES = ("task", "gym", "jsonl", "parquet", "hf_disk")
 TRUNCATE = ("error", "left", "right")  # a prompt longer than data.max_prompt_tokens: error, or cut on that side
 TASKS = ("arith",)
@@ -81,6 +82,9 @@ class ModelSection:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"  # storage dtype of the trained parameters
     remat: str = "none"  # activation rematerialisation per layer: none | full | dots
+    # attention kernel: auto | dense | blockwise | cudnn (NVIDIA GPUs) | splash (TPUs). auto: splash on TPUs,
+    # cuDNN on GPUs where it needs no [T, S] mask, else blockwise; on CPUs dense up to 256 keys, then blockwise
+    attention: str = "auto"
 
 
 @dataclass
@@ -503,6 +507,7 @@ def _check_model_data(cfg: TrainConfig) -> None:
     _choice(m.dtype, "model.dtype", DTYPES)
     _choice(m.param_dtype, "model.param_dtype", DTYPES)
     _choice(m.remat, "model.remat", REMAT)
+    _choice(m.attention, "model.attention", ATTENTION)
     _check_data(cfg.data, "data", SOURCES)
 
 

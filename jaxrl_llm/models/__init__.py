@@ -1,10 +1,10 @@
 """Flax NNX decoders for the Llama / Qwen2 / Qwen3 / Qwen3-MoE family, with Hugging Face checkpoint I/O."""
 from jaxrl_llm.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
-from jaxrl_llm.models.decoder import REMAT_POLICIES, Decoder, DecoderOutput, KVCache, init_cache
+from jaxrl_llm.models.decoder import ATTENTION_KERNELS, REMAT_POLICIES, Decoder, DecoderOutput, KVCache, init_cache
 from jaxrl_llm.models.hf_io import load_config, load_hf, save_hf
 
-__all__ = ["Decoder", "DecoderOutput", "KVCache", "ModelConfig", "REMAT_POLICIES", "SUPPORTED_MODEL_TYPES",
-           "init_cache", "load_config", "load_hf", "save_hf", "left_pad_positions"]
+__all__ = ["ATTENTION_KERNELS", "Decoder", "DecoderOutput", "KVCache", "ModelConfig", "REMAT_POLICIES",
+           "SUPPORTED_MODEL_TYPES", "init_cache", "load_config", "load_hf", "save_hf", "left_pad_positions"]
 
 
 def left_pad_positions(mask):

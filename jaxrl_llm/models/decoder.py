@@ -10,13 +10,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrl_llm.models.attention import KERNELS, AttentionMask, check_kernel
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.layers import MLP, Attention, LayerCache, MoE, RMSNorm, param, rope_inv_freq, rope_tables
+from jaxrl_llm.models.remat import REMAT_POLICIES, rematerialised
 from jaxrl_llm.parallel import constrain_rows
 
-REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_KERNELS = KERNELS
 
-__all__ = ["Decoder", "DecoderOutput", "KVCache", "init_cache", "REMAT_POLICIES"]
+__all__ = ["ATTENTION_KERNELS", "Decoder", "DecoderOutput", "KVCache", "init_cache", "REMAT_POLICIES"]
 
 
 @flax.struct.dataclass
@@ -56,18 +58,18 @@ class DecoderOutput:
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, index: int, *, rngs, dtype, param_dtype):
+    def __init__(self, cfg: ModelConfig, index: int, *, rngs, dtype, param_dtype, attention: str = "auto"):
         self.is_moe = cfg.layer_is_moe(index)
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", rngs=rngs, param_dtype=param_dtype)
-        self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, attention=attention)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", rngs=rngs, param_dtype=param_dtype)
         if self.is_moe:
             self.mlp = MoE(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x, rope, allowed, cache, cache_index, forced):
-        h, cache = self.attn(self.attn_norm(x), rope, allowed, cache, cache_index)
+    def __call__(self, x, rope, mask, cache, cache_index, forced):
+        h, cache = self.attn(self.attn_norm(x), rope, mask, cache, cache_index)
         x = x + h.astype(x.dtype)
         logits = experts = None
         if self.is_moe:
@@ -77,23 +79,24 @@ class DecoderLayer(nnx.Module):
         return x + h.astype(x.dtype), cache, logits, experts
 
 
-def _layer_call(layer, *args):
-    return layer(*args)
-
-
 class Decoder(nnx.Module):
-    """Llama / Qwen2 / Qwen3 / Qwen3-MoE decoder (see :class:`ModelConfig`)."""
+    """Llama / Qwen2 / Qwen3 / Qwen3-MoE decoder (see :class:`ModelConfig`).
+
+    ``remat``: activation rematerialisation per layer (:mod:`jaxrl_llm.models.remat`); ``attention``: the
+    attention kernel (:mod:`jaxrl_llm.models.attention`), checked against the backend here."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: str = "none"):
+                 remat: str = "none", attention: str = "auto"):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {remat!r}")
+        check_kernel(attention, dtype=dtype, head_dim=cfg.head_dim)
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
+        self.attention = attention
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-                                for i in range(cfg.num_layers)])
+        self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                             attention=attention) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "embed", rngs=rngs, param_dtype=param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
@@ -121,47 +124,40 @@ class Decoder(nnx.Module):
         b, t = tokens.shape
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         if segment_ids is not None:  # packed sequences; with a cache, every packed one continues the cached prefix
+            segment_ids = segment_ids.astype(jnp.int32)
             valid = valid & (segment_ids > 0)
         if forced_experts is not None and forced_experts.shape[:3] != (cfg.num_moe_layers, b, t):
             raise ValueError(f"forced_experts must be [{cfg.num_moe_layers}, {b}, {t}, k], got "
                              f"{forced_experts.shape}")
 
         if cache is None:
-            idx = jnp.arange(t)
-            allowed = (idx[None, :, None] >= idx[None, None, :]) & valid[:, None, :]
-            if segment_ids is not None:
-                allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
-            cache_index = 0
+            cache_index = jnp.zeros((), jnp.int32)
+            mask = AttentionMask(q_offset=cache_index, k_valid=valid, q_segment=segment_ids, k_segment=segment_ids)
         else:
             if t > cache.max_len:
                 raise ValueError(f"{t} tokens do not fit a KV cache of {cache.max_len} slots")
             cache_index = cache.index
             slot_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, valid, cache_index, axis=1)
-            slots = jnp.arange(cache.max_len)
-            query_slot = cache_index + jnp.arange(t)
-            allowed = (slots[None, None, :] <= query_slot[None, :, None]) & slot_mask[:, None, :]
+            slot_segment = None
             if segment_ids is not None:  # cached slots (segment 0) are seen by every segment, new ones by their own
                 slot_segment = jax.lax.dynamic_update_slice_in_dim(
-                    jnp.zeros(cache.mask.shape, jnp.int32), segment_ids.astype(jnp.int32), cache_index, axis=1)
-                allowed &= (slot_segment[:, None, :] == 0) | (slot_segment[:, None, :] == segment_ids[:, :, None])
+                    jnp.zeros(cache.mask.shape, jnp.int32), segment_ids, cache_index, axis=1)
+            mask = AttentionMask(q_offset=cache_index, k_valid=slot_mask, q_segment=segment_ids,
+                                 k_segment=slot_segment)
 
         rope = rope_tables(positions, rope_inv_freq(cfg))
         x = constrain_rows(self.embed[...][tokens].astype(self.dtype))
         residuals = [x] if return_residuals else None
         router_logits, experts = [], []
         new_k, new_v = [], []
-        call = _layer_call
-        if self.remat != "none":
-            policy = None if self.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-            call = nnx.remat(_layer_call, policy=policy)
+        call = rematerialised(self.remat)
         moe_i = 0
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else LayerCache(cache.k[i], cache.v[i])
             forced = None
             if layer.is_moe and forced_experts is not None:
                 forced = forced_experts[moe_i]
-            x, layer_cache, logits, chosen = call(layer, x, rope, allowed, layer_cache,
-                                                  cache_index, forced)
+            x, layer_cache, logits, chosen = call(layer, x, rope, mask, layer_cache, cache_index, forced)
             x = constrain_rows(x)
             if layer.is_moe:
                 router_logits.append(logits)

@@ -303,7 +303,8 @@ def _path_key(path) -> Path:
 
 
 def load_hf(path: str, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype=jnp.float32,
-            remat: str = "none", cache_dir: str | None = None) -> tuple[Decoder, ModelConfig]:
+            remat: str = "none", attention: str = "auto", cache_dir: str | None = None
+            ) -> tuple[Decoder, ModelConfig]:
     """Load a Hugging Face checkpoint directory into a :class:`Decoder`.
 
     Args:
@@ -314,6 +315,7 @@ def load_hf(path: str, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype=
         (:data:`jaxrl_llm.parallel.DEFAULT_RULES` when None); without a mesh, on the first device.
       dtype, param_dtype: compute and parameter dtypes; stored tensors are cast to ``param_dtype``.
       remat: activation rematerialisation policy (see :class:`Decoder`).
+      attention: the attention kernel (see :mod:`jaxrl_llm.models.attention`).
     Returns:
       ``(model, cfg)``.
     """
@@ -324,7 +326,7 @@ def load_hf(path: str, *, mesh=None, rules=None, dtype=jnp.float32, param_dtype=
     path = paths.local_copy(path, cache=cache_dir)
     cfg = load_config(path)
     abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                                              remat=remat))
+                                              remat=remat, attention=attention))
     graphdef, state = nnx.split(abstract)
     if mesh is not None:
         shardings = state_shardings(state, mesh, rules)

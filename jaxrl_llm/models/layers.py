@@ -13,9 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrl_llm.models.attention import AttentionMask, attend
 from jaxrl_llm.models.config import ModelConfig
-
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -146,10 +145,15 @@ class LayerCache:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    """Projections, rotary embeddings, the KV cache and the attention kernel ``attention`` (see
+    :mod:`jaxrl_llm.models.attention`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 attention: str = "auto"):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.cfg = cfg
         self.dtype = dtype
+        self.attention = attention
         self.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), param_dtype)
         self.k = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), param_dtype)
         self.v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), param_dtype)
@@ -164,8 +168,8 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, "head_dim", rngs=rngs, param_dtype=param_dtype)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, "head_dim", rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, x, rope, allowed, cache: LayerCache | None, cache_index):
-        """``allowed [B, T, S]``: which key slots each query may attend to (S = T without a cache)."""
+    def __call__(self, x, rope, mask: AttentionMask, cache: LayerCache | None, cache_index):
+        """``mask``: which key slots each query may attend to (the sequence's own, or the cache's slots)."""
         cfg, dt = self.cfg, self.dtype
         x = x.astype(dt)
         b, t, d = x.shape
@@ -182,10 +186,8 @@ class Attention(nnx.Module):
         k = apply_rope(k, rope)
         group = cfg.num_heads // cfg.num_kv_heads
         qg = q.reshape(b, t, cfg.num_kv_heads, group, cfg.head_dim)
-        if cache is None:
-            # keys/values [B, S, kv, d] straight from the projection
-            scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-        else:
+        slots = None
+        if cache is not None:
             # the cache is kept heads-major, keys as [B, kv, d, S] and values as [B, kv, S, d]: both decode-step
             # products then reduce over a non-minor axis (vectorised along S resp. d, no horizontal sums), and the
             # update writes only the new slots in place
@@ -194,23 +196,8 @@ class Attention(nnx.Module):
             v_all = jax.lax.dynamic_update_slice_in_dim(
                 cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), cache_index, axis=2)
             cache = LayerCache(k_all, v_all)
-            k, v = k_all.astype(dt), v_all.astype(dt)
-            if t == 1:
-                # one query per row (decoding): multiply-reduce instead of many tiny batched matrix products
-                scores = jnp.sum(qg[:, 0, :, :, :, None].astype(jnp.float32) * k[:, :, None].astype(jnp.float32),
-                                 axis=3)[:, :, :, None, :]
-            else:
-                # in float32: XLA:CPU has no bf16 x bf16 -> f32 product for this key layout
-                scores = jnp.einsum("btkgd,bkds->bkgts", qg.astype(jnp.float32), k.astype(jnp.float32))
-        scores = scores * (1.0 / math.sqrt(cfg.head_dim))
-        scores = jnp.where(allowed[:, None, None, :, :], scores, _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        if cache is None:
-            out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-        elif t == 1:
-            out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None], axis=3)[:, None]  # [b, 1, kv, g, d]
-        else:
-            out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+            slots = (k_all, v_all)
+        out = attend(self.attention, qg, k, v, mask, cache=slots, dt=dt)
         out = project(out.reshape(b, t, cfg.num_heads * cfg.head_dim), self.o[...].astype(dt).reshape(-1, d))
         if cfg.o_bias:
             out = out + self.o_bias[...].astype(dt)

@@ -38,7 +38,8 @@ def _abstract_policy(cfg, mc, layout):
     from jaxrl_llm.trainer.rl import DTYPES
 
     model = nnx.eval_shape(lambda: Decoder(mc, rngs=nnx.Rngs(0), dtype=DTYPES[cfg.model.dtype],
-                                           param_dtype=DTYPES[cfg.model.param_dtype], remat=cfg.model.remat))
+                                           param_dtype=DTYPES[cfg.model.param_dtype], remat=cfg.model.remat,
+                                           attention=cfg.model.attention))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     for state in (params, rest):
         shardings = dict(nnx.to_flat_state(layout.params(state)))

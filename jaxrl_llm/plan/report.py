@@ -139,9 +139,7 @@ def _compile_into(report: Report, config, overrides, spec, groups, timeout, back
     else:
         report.backend = f"{report.devices} fake CPU devices"
         report.notes.append("compiled by XLA:CPU on fake devices: TPU/GPU compilers fuse, schedule and lay out "
-                            "memory differently, so the compiled figures approximate theirs; XLA:CPU's analysis "
-                            "shows no saving from rematerialisation (model.remat), so its figures there are upper "
-                            "bounds")
+                            "memory differently, so the compiled figures approximate theirs")
         if progress:
             progress(f"compiling on {most} fake CPU devices in a subprocess (timeout {timeout:g} s) ...")
         results, problem = run_subprocess(request, most, timeout)

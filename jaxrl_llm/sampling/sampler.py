@@ -182,15 +182,17 @@ class Sampler:
         if consistency == "exact" and compute_dtype is not None and compute_dtype != model.dtype:
             raise ValueError("consistency='exact' needs the sampler to run in the model's own precision; "
                              "drop compute_dtype or use consistency='default'")
+        attention = model.attention  # the prefill runs the policy's attention kernel; decoding reads filled blocks
         if compute_dtype is not None and compute_dtype != model.dtype:
             cfg = model.cfg
             model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=compute_dtype,
-                                                   param_dtype=compute_dtype))
+                                                   param_dtype=compute_dtype, attention=attention))
         else:
             compute_dtype = None
-            if model.remat != "none":  # sampling takes no gradient; rematerialised layers cannot fill the KV cache
+            if model.remat != "none":  # sampling takes no gradient: its model rematerialises nothing
                 cfg, dtype, param_dtype = model.cfg, model.dtype, model.embed.get_value().dtype
-                model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+                model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                                       attention=attention))
         self.compute_dtype = compute_dtype
         self.graphdef = nnx.graphdef(model)
         self.cache_dtype = cache_dtype or compute_dtype or model.dtype

@@ -65,6 +65,14 @@ def make_sampler(cfg: TrainConfig, model) -> Sampler:
                    else None, compact_rows=r.compact_rows)
 
 
+def _check_lengths(cfg: TrainConfig, prompt_tokens: int, m) -> None:
+    """Prompts and responses must fit the model's positions (``prompt_tokens``: the data's padded prompt length)."""
+    if prompt_tokens + cfg.rollout.max_new_tokens > m.max_position_embeddings:
+        raise ConfigError(f"data.max_prompt_tokens={prompt_tokens} + rollout.max_new_tokens="
+                          f"{cfg.rollout.max_new_tokens} exceeds the model's max_position_embeddings "
+                          f"{m.max_position_embeddings} ({cfg.model.path})")
+
+
 def _check_model_switches(cfg: TrainConfig, m) -> None:
     a, r = cfg.algorithm, cfg.rollout
     if a.bupo_steps and not 0 <= a.bupo_layer < m.num_layers:
@@ -108,6 +116,7 @@ class RLTrainer:
         with blame("data.path" if cfg.data.path else "data.task_kwargs", cfg.data.path or cfg.data.task_kwargs,
                    (OSError, ValueError, TypeError)):
             self.prompts = training_prompts(cfg, self.tokenizer)
+        _check_lengths(cfg, self.prompts.encoder.max_tokens, self.model_cfg)
         reward_fns = [(s.name, get_reward(s.name, **s.kwargs), s.weight) for s in cfg.reward.fns]
         self.checks = StepChecks(cfg)  # divergence and failing rewards, after every step (guard.py)
         sampling = sampling_params(cfg, self.tokenizer)
@@ -130,7 +139,8 @@ class RLTrainer:
         m = self.cfg.model
         with blame("model.path", m.path):
             return load_hf(m.path, mesh=self.layout.mesh, rules=self.layout.rules, dtype=DTYPES[m.dtype],
-                           param_dtype=DTYPES[m.param_dtype], remat=m.remat, cache_dir=m.cache_dir)
+                           param_dtype=DTYPES[m.param_dtype], remat=m.remat, attention=m.attention,
+                           cache_dir=m.cache_dir)
 
     def __enter__(self) -> "RLTrainer":
         return self
