@@ -18,10 +18,12 @@ on every backend. The loop is a ``while`` loop, whose body XLA's cost analysis c
 :func:`static_tile_loops` the same tiles run in an unrolled loop over the static bound, so that the analysis
 counts every tile (the FLOP benchmark uses it).
 
-Backward pass (hand-written, like ``layers.swiglu``): a second tile loop recomputes each tile's products instead
-of keeping ``[N k, F]`` activations, forms the input, gate-weight and expert-weight gradients, and accumulates the
-weight gradients per expert in float32. Both directions move rows only by gathers (tokens to tiles, tiles back to
-tokens), never by scatter-adds.
+Each tile gathers its token rows and adds its weighted outputs back into the ``[N, D]`` output (a scatter-add of
+``T`` distinct rows): no ``[N k, D]`` array of per-assignment rows is ever held. The backward pass is written by
+hand (like ``layers.swiglu``): a second tile loop recomputes each tile's products instead of keeping ``[N k, F]``
+activations, adds the input and gate-weight gradients back the same way, and accumulates the expert-weight
+gradients per expert in float32. What is kept for it: the layer's input, gate weights and the tile plan (two
+int32 per padded row).
 
 Sharding: :func:`routed_experts` runs inside ``jax.shard_map`` over every mesh axis whenever the mesh has more
 than one device. Rows are split over the batch axes (``data``, ``fsdp``) and replicated over ``expert`` and
@@ -29,7 +31,10 @@ than one device. Rows are split over the batch axes (``data``, ``fsdp``) and rep
 it routes its own rows to its local experts only (``E / expert`` of them, the columns ``F / tensor`` of each),
 and a ``psum`` over ``expert`` and ``tensor`` adds the partial outputs. No all-to-all is needed, and the routing
 (a sort) stays per device: left to GSPMD, a sort along a split axis gathers the whole batch's routing onto every
-device, which then computes every row.
+device, which then computes every row. Weights enter with their ``embed`` dimension whole (the all-gather over
+``fsdp`` that FSDP makes of any layer's weights; its transpose reduce-scatters their gradients). The mesh is the
+one set by ``jax.set_mesh`` or else the one the weights live on, so callers that trace without a mesh context
+(the sampler) shard the same way.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxrl_llm.parallel import logical_to_pspec
+from jaxrl_llm.parallel import _spec_fits, logical_to_pspec
 
 __all__ = ["moe_forward", "route", "routed_experts", "tile_rows", "static_tile_loops"]
 
@@ -87,12 +92,11 @@ def tile_rows(assignments: int, experts: int) -> int:
 
 @flax.struct.dataclass
 class TilePlan:
-    """Where every assignment goes. Padded rows ``p < tiles * T``: tile ``p // T`` of expert ``tile_expert``."""
+    """Where every assignment goes: padded row ``p < tiles T`` lies in tile ``p // T``, of expert
+    ``tile_expert[p // T]``, and holds assignment ``row_assign[p]`` (of token ``row_token[p]``) or is padding."""
 
-    row_assign: jax.Array  # int32 [tiles * T]: the assignment (token * k + j) a padded row holds (0 if padding)
-    row_valid: jax.Array  # bool [tiles * T]
-    position: jax.Array  # int32 [N, k]: the padded row of each assignment (0 if its expert is not local)
-    local: jax.Array  # bool [N, k]: the assignment's expert is one of this device's
+    row_token: jax.Array  # int32 [tiles * T]: the token of each row; N (out of range) for padding
+    row_assign: jax.Array  # int32 [tiles * T]: the assignment (token * k + j) of each row; N k for padding
     tile_expert: jax.Array  # int32 [tiles]: local expert of each tile
     tiles_used: jax.Array  # int32 scalar
     tile: int = flax.struct.field(pytree_node=False, default=_MIN_TILE)
@@ -109,8 +113,7 @@ def plan_tiles(experts: jax.Array, num_local: int, first: jax.Array | int = 0, n
     tile = tile_rows(a, num_total or num_local)  # the tile size of an even load: a / num_total per expert
     tiles = (a + num_local * (tile - 1)) // tile
     flat = experts.reshape(-1) - first
-    local = (flat >= 0) & (flat < num_local)
-    key = jnp.where(local, flat, num_local)  # other devices' assignments sort last and are never tiled
+    key = jnp.where((flat >= 0) & (flat < num_local), flat, num_local)  # other devices' experts sort last
     order = jnp.argsort(key, stable=True).astype(jnp.int32)
     counts = jnp.zeros(num_local + 1, jnp.int32).at[key].add(1)[:num_local]
     expert_tiles = (counts + tile - 1) // tile
@@ -118,19 +121,12 @@ def plan_tiles(experts: jax.Array, num_local: int, first: jax.Array | int = 0, n
     pad_start = (tile_end - expert_tiles) * tile  # first padded row of each expert
     group_start = jnp.cumsum(counts) - counts  # first sorted assignment of each expert
     tile_expert = jnp.minimum(jnp.searchsorted(tile_end, jnp.arange(tiles), side="right"), num_local - 1)
-    rows = jnp.arange(tiles * tile)
     row_expert = jnp.repeat(tile_expert, tile)
-    rank = rows - pad_start[row_expert]
-    row_valid = rank < counts[row_expert]  # rows of unused tiles are past their expert's assignments too
-    row_assign = jnp.where(row_valid, order[jnp.clip(group_start[row_expert] + rank, 0, a - 1)], 0)
-    sorted_key = key[order]
-    sorted_expert = jnp.minimum(sorted_key, num_local - 1)
-    sorted_pos = jnp.where(sorted_key < num_local,
-                           pad_start[sorted_expert] + jnp.arange(a) - group_start[sorted_expert], 0)
-    position = jnp.zeros(a, jnp.int32).at[order].set(sorted_pos.astype(jnp.int32), unique_indices=True)
-    return TilePlan(row_assign=row_assign.astype(jnp.int32), row_valid=row_valid, position=position.reshape(n, k),
-                    local=local.reshape(n, k), tile_expert=tile_expert.astype(jnp.int32),
-                    tiles_used=tile_end[-1].astype(jnp.int32), tile=tile)
+    rank = jnp.arange(tiles * tile) - pad_start[row_expert]
+    valid = rank < counts[row_expert]  # rows of unused tiles are past their expert's assignments too
+    row_assign = jnp.where(valid, order[jnp.clip(group_start[row_expert] + rank, 0, a - 1)], a).astype(jnp.int32)
+    return TilePlan(row_token=jnp.where(valid, row_assign // k, n).astype(jnp.int32), row_assign=row_assign,
+                    tile_expert=tile_expert.astype(jnp.int32), tiles_used=tile_end[-1].astype(jnp.int32), tile=tile)
 
 
 def _varying_like(tree, operands):
@@ -145,32 +141,36 @@ def _varying_like(tree, operands):
     return jax.tree.map(cast, tree)
 
 
-def _tile_map(plan: TilePlan, tile_fn, rows_init, experts_init, operands):
-    """Run ``tile_fn(i, e) -> (rows, per_expert)`` over the tiles ``i`` (of expert ``e``): ``rows`` (a tuple of
-    ``[T, ...]`` blocks) fill rows ``i T ..`` of the buffers ``rows_init``, ``per_expert`` (a tuple) is added to
-    ``experts_init[j][e]``. A ``while`` loop over the tiles in use; under :func:`static_tile_loops` a traced
-    sequence of every tile of the bound, the blocks concatenated and the per-expert terms summed by expert.
-    Inside ``shard_map`` the buffers vary over the mesh axes any of ``operands`` (what ``tile_fn`` reads) varies
-    over."""
-    rows_init, experts_init = _varying_like((rows_init, experts_init), operands)
-    tile = plan.tile
+def _tile_map(plan: TilePlan, tile_fn, sums, expert_sums, operands):
+    """Run ``tile_fn(i, e) -> (row_terms, expert_terms)`` over the tiles ``i`` (of expert ``e``), adding
+    ``row_terms[j] [T, ...]`` at the rows ``plan.row_token`` (``j = 0``) or ``plan.row_assign`` (``j = 1``) of
+    ``sums[j]`` (padding rows point past the end and are dropped), and ``expert_terms[j]`` to ``expert_sums[j][e]``.
+
+    A ``while`` loop over the tiles in use; under :func:`static_tile_loops` a traced sequence of every tile of the
+    bound, the terms added at the end. Within a tile the rows are distinct tokens (a token's experts are), so the
+    sums are deterministic: each token receives its experts' terms in the order of the tiles. Inside
+    ``shard_map`` the sums vary over the mesh axes any of ``operands`` (what ``tile_fn`` reads) varies over."""
+    sums, expert_sums = _varying_like((sums, expert_sums), operands)
+    targets = (plan.row_token, plan.row_assign)
     if _STATIC_TILE_LOOPS:
         outs = [tile_fn(i, plan.tile_expert[i]) for i in range(plan.tile_expert.shape[0])]
-        rows = tuple(jnp.concatenate([o[0][j] for o in outs]) for j in range(len(rows_init)))
-        per_expert = tuple(
+        sums = tuple(acc.at[targets[j]].add(jnp.concatenate([o[0][j] for o in outs]), mode="drop")
+                     for j, acc in enumerate(sums))
+        expert_sums = tuple(
             acc + jax.ops.segment_sum(jnp.stack([o[1][j] for o in outs]), plan.tile_expert, acc.shape[0],
                                       indices_are_sorted=True)
-            for j, acc in enumerate(experts_init))
-        return rows, per_expert
+            for j, acc in enumerate(expert_sums))
+        return sums, expert_sums
 
     def body(i, carry):
-        bufs, accs = carry
+        accs, expert_accs = carry
         e = plan.tile_expert[i]
-        rows, per_expert = tile_fn(i, e)
-        return (tuple(jax.lax.dynamic_update_slice_in_dim(b, r, i * tile, axis=0) for b, r in zip(bufs, rows)),
-                tuple(a.at[e].add(v) for a, v in zip(accs, per_expert)))
+        terms, expert_terms = tile_fn(i, e)
+        return (tuple(acc.at[_tile_rows(targets[j], i, plan.tile)].add(t, mode="drop")
+                      for j, (acc, t) in enumerate(zip(accs, terms))),
+                tuple(acc.at[e].add(t) for acc, t in zip(expert_accs, expert_terms)))
 
-    return jax.lax.fori_loop(0, plan.tiles_used, body, (rows_init, experts_init))
+    return jax.lax.fori_loop(0, plan.tiles_used, body, (sums, expert_sums))
 
 
 def _tile_rows(a, i, tile):
@@ -180,41 +180,24 @@ def _tile_rows(a, i, tile):
     return jax.lax.dynamic_slice_in_dim(a, i * tile, tile)
 
 
-def _dispatch(x, plan: TilePlan, i):
-    """Tile ``i``'s rows of the token array ``x [N, ...]`` (zero padding): gathered tile by tile, so that no
-    ``[tiles T, ...]`` copy of ``x`` is held."""
-    k = plan.position.shape[1]
-    rows = x[_tile_rows(plan.row_assign, i, plan.tile) // k]
-    valid = _tile_rows(plan.row_valid, i, plan.tile)
-    return jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), rows, jnp.zeros((), x.dtype))
-
-
-def _collect(rows, plan: TilePlan):
-    """``[N, k, ...]``: each assignment's padded row (zero where its expert is not local)."""
-    got = rows[plan.position]
-    return jnp.where(plan.local.reshape(plan.local.shape + (1,) * (rows.ndim - 1)), got, jnp.zeros((), rows.dtype))
-
-
-def _grouped_swiglu(x, gate, up, down, plan: TilePlan):
-    """``[tiles T, D]``: ``SwiGLU_e(x[n])`` in the padded row of every local assignment ``(n, e)`` (zero in
-    padding)."""
-
-    def tile_fn(i, e):
-        rows = _dispatch(x, plan, i)
-        h = jax.nn.silu(rows @ gate[e]) * (rows @ up[e])
-        return (h @ down[e],), ()
-
-    init = jnp.zeros((plan.row_valid.shape[0], x.shape[1]), x.dtype)
-    (yp,), _ = _tile_map(plan, tile_fn, (init,), (), (x, gate, up, down, plan.tile_expert))
-    return yp
+def _gather(a, index):
+    """``a[index]`` with zeros where ``index`` is past the end (padding rows)."""
+    return jnp.take(a, index, axis=0, mode="fill", fill_value=0)
 
 
 @jax.custom_vjp
 def _routed_swiglu(x, weights, gate, up, down, plan: TilePlan):
     """``out[n] = sum_j weights[n, j] SwiGLU_{e_nj}(x[n])`` over the local assignments of ``plan``; ``x [N, D]``,
     ``weights [N, k]`` float32, expert weights ``[E_local, D, F]`` / ``[E_local, F, D]``."""
-    yp = _grouped_swiglu(x, gate, up, down, plan)
-    return jnp.einsum("nkd,nk->nd", _collect(yp, plan), weights.astype(x.dtype))
+    w = weights.reshape(-1).astype(x.dtype)
+
+    def tile_fn(i, e):
+        rows = _gather(x, _tile_rows(plan.row_token, i, plan.tile))
+        h = jax.nn.silu(rows @ gate[e]) * (rows @ up[e])
+        return ((h @ down[e]) * _gather(w, _tile_rows(plan.row_assign, i, plan.tile))[:, None],), ()
+
+    (out,), _ = _tile_map(plan, tile_fn, (jnp.zeros_like(x),), (), (x, w, gate, up, down, plan.tile_expert))
+    return out
 
 
 def _routed_swiglu_fwd(x, weights, gate, up, down, plan):
@@ -225,16 +208,16 @@ def _routed_swiglu_bwd(res, dout):
     """Per tile of expert e with rows x, gate weights w and output gradients o (rows of ``dout``):
     ``g = x G_e, u = x U_e, h = silu(g) u, y = h D_e``; ``dw = <o, y>``, ``dy = w o``, ``dh = dy D_e^T``,
     ``dg = dh u silu'(g)``, ``du = dh silu(g)``, ``dx = dg G_e^T + du U_e^T``, ``dG_e += x^T dg``,
-    ``dU_e += x^T du``, ``dD_e += h^T dy``; the padded-row results go back to the assignments by gathers."""
+    ``dU_e += x^T du``, ``dD_e += h^T dy``."""
     x, weights, gate, up, down, plan = res
-    tile, dt = plan.tile, x.dtype
-    weights = weights.astype(dt)
+    tile = plan.tile
+    w = weights.reshape(-1).astype(x.dtype)
     f32 = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
 
     def tile_fn(i, e):
-        xt, ot = _dispatch(x, plan, i), _dispatch(dout, plan, i)
-        wt = jnp.where(_tile_rows(plan.row_valid, i, tile), weights.reshape(-1)[_tile_rows(plan.row_assign, i, tile)],
-                       jnp.zeros((), dt))
+        tokens = _tile_rows(plan.row_token, i, tile)
+        xt, ot = _gather(x, tokens), _gather(dout, tokens)
+        wt = _gather(w, _tile_rows(plan.row_assign, i, tile))
         g, u = xt @ gate[e], xt @ up[e]
         sig = jax.nn.sigmoid(g)
         silu = g * sig
@@ -248,14 +231,12 @@ def _routed_swiglu_bwd(res, dout):
         xt_t = xt.T
         return (dx, dw), (f32(xt_t, dg), f32(xt_t, du), f32(h.T, dy))
 
-    padded = plan.row_valid.shape[0]
-    rows_init = (jnp.zeros((padded, x.shape[1]), dt), jnp.zeros((padded,), jnp.float32))
-    experts_init = tuple(jnp.zeros(w.shape, jnp.float32) for w in (gate, up, down))
-    (dxp, dwp), (dgate, dup, ddown) = _tile_map(plan, tile_fn, rows_init, experts_init,
-                                                (x, dout, weights, gate, up, down, plan.tile_expert))
-    dx = jnp.sum(_collect(dxp, plan), axis=1)
-    dweights = _collect(dwp, plan).astype(weights.dtype)
-    return dx, dweights, dgate.astype(gate.dtype), dup.astype(up.dtype), ddown.astype(down.dtype), None
+    sums = (jnp.zeros_like(x), jnp.zeros(w.shape, jnp.float32))
+    expert_sums = tuple(jnp.zeros(a.shape, jnp.float32) for a in (gate, up, down))
+    (dx, dw), (dgate, dup, ddown) = _tile_map(plan, tile_fn, sums, expert_sums,
+                                              (x, dout, w, gate, up, down, plan.tile_expert))
+    return (dx, dw.reshape(weights.shape).astype(weights.dtype), dgate.astype(gate.dtype), dup.astype(up.dtype),
+            ddown.astype(down.dtype), None)
 
 
 _routed_swiglu.defvjp(_routed_swiglu_fwd, _routed_swiglu_bwd)
@@ -284,15 +265,6 @@ def _mesh_of(weight):
     return mesh
 
 
-def _split(spec: P, shape, mesh) -> P:
-    """``spec`` without the mesh axes that do not divide their dimension (that dimension is replicated)."""
-    out = []
-    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
-        out.append(entry if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0 else None)
-    return P(*out)
-
-
 def _axes(entry) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
@@ -303,12 +275,11 @@ def routed_experts(x, weights, experts, gate, up, down):
     mesh = _mesh_of(gate)
     if mesh is None:
         return _local_experts(x, weights, experts, gate, up, down)
-    rows = _split(logical_to_pspec(("batch",), mesh=mesh), x.shape, mesh)
+    # a mesh axis that does not divide its dimension replicates it (as parallel.state_shardings does)
+    rows = _spec_fits(x.shape, logical_to_pspec(("batch",), mesh=mesh), mesh)
     # experts split over `expert`, their F columns over `tensor`; D whole (gathered over `fsdp` on entry)
-    w_in = _split(logical_to_pspec(("experts", None, "mlp"), mesh=mesh), gate.shape, mesh)
-    w_out = _split(logical_to_pspec(("experts", "mlp", None), mesh=mesh), down.shape, mesh)
-    if w_out[1] != w_in[2]:
-        w_in = w_out = P(w_in[0])  # F split for one product but not the other: keep it whole
+    w_in = _spec_fits(gate.shape, logical_to_pspec(("experts", None, "mlp"), mesh=mesh), mesh)
+    w_out = P(w_in[0], w_in[2], None)
     expert_axes, column_axes = _axes(w_in[0]), _axes(w_in[2])
     partial_axes = expert_axes + column_axes
     num_experts = gate.shape[0]
