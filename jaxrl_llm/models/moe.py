@@ -14,7 +14,8 @@ against ``N E`` rows when every expert is evaluated for every token.
 
 Why not ``jax.lax.ragged_dot``: XLA:CPU lowers it to a masked product over every group (its compiled cost
 analysis counts ``E`` times the useful FLOPs: ``benchmarks/moe.py`` prints it); a tile loop costs what it computes
-on every backend. The loop is a ``while`` loop, whose body XLA's cost analysis counts once; under
+on every backend. (GPU and TPU builds of XLA may lower ``ragged_dot`` to a grouped kernel; whether one beats the tile
+loop there is not measured. :func:`_tile_map` is the one place such a kernel would go.) The loop is a ``while`` loop, whose body XLA's cost analysis counts once; under
 :func:`static_tile_loops` the same tiles run in an unrolled loop over the static bound, so that the analysis
 counts every tile (the FLOP benchmark uses it).
 
@@ -49,7 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxrl_llm.parallel import _spec_fits, logical_to_pspec
 
-__all__ = ["moe_forward", "route", "routed_experts", "tile_rows", "static_tile_loops"]
+__all__ = ["moe_forward", "route", "routed_experts", "plan_tiles", "TilePlan", "tile_rows", "static_tile_loops"]
 
 _MIN_TILE, _MAX_TILE = 8, 128
 _STATIC_TILE_LOOPS = False
