@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxrl_llm.models.attention import AttentionMask, attend
 from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.moe import moe_forward
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
@@ -254,8 +255,9 @@ class MoE(nnx.Module):
 
     The router's softmax is taken in float32 over all experts, the top-k probabilities are optionally
     renormalised (``norm_topk_prob``). ``forced_experts [B, T, k]`` replaces the top-k choice (routing replay);
-    the gate weights are then the router probabilities at the forced experts. Every expert is evaluated densely
-    and combined with the gate weights, which keeps shapes static and lets the expert axis be sharded.
+    the gate weights are then the router probabilities at the forced experts. Each token runs through its k
+    experts only: tokens are grouped by expert into tiles of grouped products, dropless, and the experts are
+    sharded over the ``expert`` mesh axis (:mod:`jaxrl_llm.models.moe`).
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -269,19 +271,6 @@ class MoE(nnx.Module):
 
     def __call__(self, x, forced_experts=None):
         cfg, dt = self.cfg, self.dtype
-        x = x.astype(dt)
-        logits = jnp.einsum("btd,de->bte", x, self.router[...].astype(dt)).astype(jnp.float32)
-        probs = jax.nn.softmax(logits, axis=-1)
-        if forced_experts is None:
-            top_p, top_i = jax.lax.top_k(probs, cfg.num_experts_per_tok)
-        else:
-            top_i = forced_experts.astype(jnp.int32)
-            top_p = jnp.take_along_axis(probs, top_i, axis=-1)
-        if cfg.norm_topk_prob:
-            top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
-        weights = jnp.sum(jax.nn.one_hot(top_i, cfg.num_experts, dtype=jnp.float32) * top_p[..., None], axis=-2)
-        g = jnp.einsum("btd,edf->btef", x, self.gate[...].astype(dt))
-        u = jnp.einsum("btd,edf->btef", x, self.up[...].astype(dt))
-        y = jnp.einsum("btef,efd->bted", jax.nn.silu(g) * u, self.down[...].astype(dt))
-        out = jnp.einsum("bted,bte->btd", y, weights.astype(dt))
-        return out, logits, top_i
+        return moe_forward(x.astype(dt), self.router[...].astype(dt), self.gate[...].astype(dt),
+                           self.up[...].astype(dt), self.down[...].astype(dt), k=cfg.num_experts_per_tok,
+                           norm_topk_prob=cfg.norm_topk_prob, forced_experts=forced_experts)

@@ -62,11 +62,19 @@ def analytic_plan(cfg, mc, sizes: dict[str, int]) -> MemoryPlan:
 
 def _token_layer_bytes(mc, tensor: int, cbytes: int) -> int:
     """Bytes per token one layer keeps for its backward pass (norms, q/k/v before and after rotary, attention
-    output, MLP gate/up/product); heads and MLP columns are split over the tensor axis."""
+    output, MLP gate/up/product); heads and MLP columns are split over the tensor axis.
+
+    A routed MoE layer (``models/moe.py``) holds no per-assignment activations: its backward pass recomputes them
+    tile by tile. It keeps the router's float32 logits and probabilities, the k gate weights and experts, and the
+    tile plan (two int32 per padded row, at most about 1.25 rows per assignment)."""
     d, hd = mc.hidden_size, mc.head_dim
     heads, kv = _div(mc.num_heads, tensor), _div(mc.num_kv_heads, tensor)
-    f = _div(mc.moe_intermediate_size * mc.num_experts_per_tok if mc.is_moe else mc.intermediate_size, tensor)
-    return cbytes * (4 * d + (3 * heads + 4 * kv) * hd + 3 * f) + 4 * 2 * d  # + float32 norm statistics
+    if mc.is_moe:
+        k = mc.num_experts_per_tok
+        mlp = 4 * 2 * mc.num_experts + 8 * k + 10 * k
+    else:
+        mlp = cbytes * 3 * _div(mc.intermediate_size, tensor)
+    return cbytes * (4 * d + (3 * heads + 4 * kv) * hd) + mlp + 4 * 2 * d  # + float32 norm statistics
 
 
 def _layer_forward(mc, rows: int, t: int, tensor: int, cbytes: int) -> int:
