@@ -1,8 +1,8 @@
 """Training-inference mismatch on the main-job task: a real mismatch, corrected or not.
 
 Dense policy: a bfloat16 sampler with the float32 trainer, trained with no correction, with token-level truncated
-IS (C = 2) and with token-level masked IS (band [0.5, 2]); the ``exact`` consistency mode (sampler and trainer
-bitwise equal) is the zero-mismatch control. MoE policy (same recipe, 4 experts, top-2): a bfloat16 sampler whose
+IS (C = 2) and with token-level masked IS (band [0.5, 2]); the ``exact`` consistency mode (old log-probs a
+bitwise replay of the sampler's, the update's own log-probs within a few ulps of them) is the control. MoE policy (same recipe, 4 experts, top-2): a bfloat16 sampler whose
 routing the trainer either recomputes (no replay) or replays. Same SFT checkpoint, seed and budget per group.
 Writes plots to docs/img/ and tables to docs/experiments.md.
 
@@ -33,8 +33,8 @@ MOE = {
     "moe bf16 + routing replay": [BF16, "rollout.routing_replay=true"],
 }
 MOE_MODEL = ("model.num_experts=4", "model.num_experts_per_tok=2", "model.moe_intermediate_size=256")
-KEYS = [("reward_mean", "reward"), ("mismatch_kl", "sampler-trainer KL (k3)"),
-        ("mismatch_abs_max", "max |log pi - log mu|"), ("entropy", "policy entropy"),
+KEYS = [("reward_mean", "reward"), ("train_sampler_kl", "sampler-trainer KL (k3)"),
+        ("train_sampler_abs_max", "max |log pi - log mu|"), ("entropy", "policy entropy"),
         ("offpolicy_kl/update3", "drift from the sampler at the 4th minibatch")]
 
 
@@ -72,8 +72,8 @@ def _group(setup: Setup, variants: dict, title: str, img_name: str, extra_keys=(
     for name, overrides in variants.items():
         rows = runs[name]
         result, seconds = results[name]
-        lines.append(f"| {name} | `{' '.join(overrides)}` | {mean_of(rows, 'mismatch_kl'):.2e} "
-                     f"| {mean_of(rows, 'mismatch_abs_max'):.2e} | {result['pass@1']:.3f} | {result['pass@16']:.3f} "
+        lines.append(f"| {name} | `{' '.join(overrides)}` | {mean_of(rows, 'train_sampler_kl'):.2e} "
+                     f"| {mean_of(rows, 'train_sampler_abs_max'):.2e} | {result['pass@1']:.3f} | {result['pass@16']:.3f} "
                      f"| {_weights(rows)} | {_affected(rows)} | {mean_of(rows, 'reward_mean', last=5):.3f} "
                      f"| {seconds:.0f} |")
     if extra_keys:

@@ -29,7 +29,7 @@ CURVES = [
     (("pass@1", "pass@4", "pass@8", "pass@16"), "pass@k (training groups)"),
     (("entropy",), "entropy"),
     (("response_length_mean", "response_length_max"), "response length"),
-    (("kl_ref", "approx_kl", "mismatch_kl"), "KL"),
+    (("kl_ref", "approx_kl", "train_sampler_kl"), "KL"),
     (("clip_frac_low", "clip_frac_high"), "clip fraction"),
 ]
 

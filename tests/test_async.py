@@ -29,8 +29,8 @@ def test_async_rollouts_are_one_step_stale(tiny_model_dir, tmp_path):
     assert [r["rollout_staleness"] for r in rows] == [0.0, 1.0, 1.0]
     # step 1 is sampled by the policy it trains; later steps by the policy one update older, which the
     # sampler-trainer mismatch and the correction weights see
-    assert rows[0]["mismatch_abs_max"] < 1e-4
-    assert min(r["mismatch_abs_max"] for r in rows[1:]) > 1e-3
+    assert rows[0]["train_sampler_abs_max"] < 1e-4
+    assert min(r["train_sampler_abs_max"] for r in rows[1:]) > 1e-3
     assert all(np.isfinite(r["loss"]) for r in rows) and rows[2]["rc_weight_mean"] != 1.0
 
 

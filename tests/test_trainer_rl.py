@@ -39,7 +39,7 @@ def test_every_preset_runs(preset, tiny_model_dir, tmp_path):
     assert metrics["skipped_nonfinite"] == 0.0 and np.isfinite(metrics["loss"])
     rows = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
     assert [r["step"] for r in rows] == [1, 2]
-    for key in ("reward_mean", "pass@1", "pass@4", "entropy", "clip_frac_high", "mismatch_abs_max", "grad_norm",
+    for key in ("reward_mean", "pass@1", "pass@4", "entropy", "clip_frac_high", "train_sampler_abs_max", "grad_norm",
                 "tokens_per_sec", "time_rollout_reward", "time_update", "response_length_mean"):
         assert key in rows[-1], key
     if preset == "dapo":
@@ -167,7 +167,7 @@ def test_shared_prompts_and_packing_train_like_one_forward_per_row(tiny_model_di
         for x, y in zip(runs[name][0], runs["plain"][0]):
             np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5, err_msg=name)
         for a, b in zip(runs[name][1], runs["plain"][1]):
-            for key in ("loss", "reward_mean", "entropy", "mismatch_abs_max"):
+            for key in ("loss", "reward_mean", "entropy", "train_sampler_abs_max"):
                 np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=f"{name} {key}")
     for extra in ("train.micro_batch_size=2", "algorithm.minibatches=2"):
         trainer = RLTrainer(_cfg(tiny_model_dir, tmp_path / "other", None, extra, "mesh.data=1",
@@ -240,7 +240,7 @@ def test_old_logp_from_the_update_matches_a_scoring_pass(tiny_model_dir, tmp_pat
     for x, y in zip(runs["auto"][0], runs["score"][0]):
         np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
     for fused, scored in zip(runs["auto"][1], runs["score"][1]):
-        for key in ("loss", "reward_mean", "entropy", "mismatch_abs_mean", "mismatch_abs_max"):
+        for key in ("loss", "reward_mean", "entropy", "train_sampler_abs_mean", "train_sampler_abs_max"):
             np.testing.assert_allclose(fused[key], scored[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 

@@ -72,7 +72,7 @@ def test_toy_grpo_raises_reward(capsys):
 
 def test_old_logp_from_the_update_equals_a_scoring_pass():
     # a single update on fresh rollouts: old log-probs taken from the update's own forward (stop-gradient) give the
-    # update that a separate scoring pass gives, and the mismatch metrics against the sampler's log-probs
+    # update that a separate scoring pass gives; train_sampler_* compare the differentiated log-probs with the sampler's
     params, rest, opt_state, exp, loss_cfg, update = _setup("seq-mean-token-mean")
     model = Decoder(_MODEL, rngs=nnx.Rngs(0))  # the same weights as params
     scored, _ = sequence_logprobs(model, exp.prompt_ids, exp.prompt_mask, exp.tokens, exp.mask, chunk=4)
@@ -86,12 +86,13 @@ def test_old_logp_from_the_update_equals_a_scoring_pass():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     d = np.where(exp.mask, np.asarray(scored) - np.asarray(sampler), 0.0)
     count = exp.mask.sum()
-    np.testing.assert_allclose(float(m2["mismatch_abs_max"]), np.abs(d).max(), rtol=1e-3)
-    np.testing.assert_allclose(float(m2["mismatch_abs_mean"]), np.abs(d).sum() / count, rtol=1e-3)
-    np.testing.assert_allclose(float(m2["mismatch_kl"]), np.where(exp.mask, np.expm1(d) - d, 0).sum() / count,
+    np.testing.assert_allclose(float(m2["train_sampler_abs_max"]), np.abs(d).max(), rtol=1e-3)
+    np.testing.assert_allclose(float(m2["train_sampler_abs_mean"]), np.abs(d).sum() / count, rtol=1e-3)
+    np.testing.assert_allclose(float(m2["train_sampler_kl"]), np.where(exp.mask, np.expm1(d) - d, 0).sum() / count,
                                rtol=2e-2)
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-5, atol=1e-7)
-    assert "mismatch_abs_max" not in m1
+    for key in ("train_sampler_abs_max", "train_sampler_abs_mean", "train_sampler_kl"):  # the same log-probs
+        np.testing.assert_allclose(float(m1[key]), float(m2[key]), rtol=1e-6, err_msg=key)
 
 
 def test_dr_grpo_constant_normaliser_reaches_the_loss():

@@ -19,7 +19,7 @@ __all__ = ["Scores", "Scorer", "old_logp_from_update"]
 
 # one program: op-by-op dispatch over a mesh puts many small independent collective programs in flight at once,
 # which XLA:CPU's in-process collectives can deadlock on
-_mismatch_metrics = jax.jit(mismatch_metrics)
+_mismatch_metrics = jax.jit(mismatch_metrics, static_argnames="prefix")
 
 
 @dataclasses.dataclass
@@ -110,7 +110,9 @@ class Scorer:
         scores = Scores(old_logp=None)
         if not self.from_update:
             scores.old_logp = self.old_logp(state, ro)
-            scores.metrics.update(_mismatch_metrics(ro.logprobs, scores.old_logp, ro.mask))
+            # exact mode's scoring pass replays the sampler's computation: a replay, named as one
+            prefix = "replay_sampler" if self.cfg.rollout.consistency == "exact" else "score_sampler"
+            scores.metrics.update(_mismatch_metrics(ro.logprobs, scores.old_logp, ro.mask, prefix=prefix))
         scores.metrics.update(self.diagnostics(state, ro))
         if self.ref_state is not None:
             scores.ref_logp = self._score(self.ref_state, ro, group=self.prompt_group)

@@ -189,10 +189,11 @@ def _token_gates(algo, logp, old_logp, entropy, micro: Experience, key, metrics:
     return stop, extra
 
 
-def _mismatch(sampler_logp, trainer_logp, mask) -> dict[str, Metric]:
-    """The sampler-trainer mismatch metrics of a micro-batch (the maximum combines as a maximum)."""
-    return {k: Metric(v, "max" if k == "mismatch_abs_max" else "mean")
-            for k, v in mismatch_metrics(sampler_logp, trainer_logp, mask).items()}
+def _train_sampler(sampler_logp, trainer_logp, mask) -> dict[str, Metric]:
+    """``train_sampler_*``: the gap between the log-probs the loss differentiates and the sampler's over a
+    micro-batch (the maximum combines as a maximum). Its k3 KL is the policy's drift from the sampler."""
+    return {k: Metric(v, "max" if k.endswith("_abs_max") else "mean")
+            for k, v in mismatch_metrics(sampler_logp, trainer_logp, mask, prefix="train_sampler").items()}
 
 
 def make_loss_fn(graphdef, algo, logprob_fn: LogprobFn, agg_constant: float | None = None):
@@ -210,8 +211,8 @@ def make_loss_fn(graphdef, algo, logprob_fn: LogprobFn, agg_constant: float | No
         old_logp = micro.old_logp
         if old_logp is None:  # one update on fresh rollouts: the policy before it is the one being differentiated
             old_logp = jax.lax.stop_gradient(logp)
-            if micro.sampler_logp is not None:  # the sampler-trainer mismatch, without a scoring pass of its own
-                metrics.update(_mismatch(micro.sampler_logp, old_logp, micro.mask))
+        if micro.sampler_logp is not None:  # the log-probs the gradient flows through against the sampler's
+            metrics.update(_train_sampler(micro.sampler_logp, jax.lax.stop_gradient(logp), micro.mask))
         stop, extra = _token_gates(algo, logp, old_logp, entropy, micro, control["key"], metrics)
         loss, policy_metrics = policy_fn(X.gate_gradient(logp, stop), old_logp, micro.advantages,
                                          micro.mask, agg=algo.loss_agg, is_weights=micro.is_weights,
@@ -231,11 +232,6 @@ def make_loss_fn(graphdef, algo, logprob_fn: LogprobFn, agg_constant: float | No
             kl_term = agg(kl_tok, micro.mask, normalizer=normalizer)
             metrics["kl_loss"] = Metric(kl_term, "sum")
             loss = loss + kl_coef * kl_term
-        if micro.sampler_logp is not None:
-            # drift of the policy being updated from the sampler that drew the tokens: k3 estimate of KL(mu || pi)
-            d = jax.lax.stop_gradient(logp) - micro.sampler_logp
-            metrics["offpolicy_kl"] = Metric(jnp.sum(jnp.where(micro.mask, jnp.expm1(d) - d, 0.0)) / jnp.maximum(
-                micro.mask.sum(), 1))
         metrics["loss"] = Metric(loss, "sum")
         return loss, metrics
 

@@ -98,14 +98,20 @@ class Learner:
     def update(self, exp: Experience, targets: CriticTargets | None, step: int) -> dict[str, float]:
         """``ppo_epochs`` x ``minibatches`` updates on a step's experience (the BuPO warm-up's internal-layer update
         during its steps, which reads out a layer and so neither shares prompts nor packs); the metrics averaged
-        over the updates (``skipped_nonfinite`` summed, the drift from the sampler kept per update)."""
+        over the updates (``skipped_nonfinite`` summed). ``train_sampler_*`` are the first update's, whose
+        differentiated log-probs come from the policy that sampled (in sync runs); the drift from the sampler is
+        ``offpolicy_kl``, kept per update."""
         a = self.cfg.algorithm
         sums: dict[str, float] = {}
         per_update: dict[str, float] = {}
+        first: dict[str, float] = {}
         for j, (idx, part) in enumerate(self._minibatches(exp, step)):
             m = self._update_minibatch(part, step, j, bupo=self.in_bupo_warmup(step))
-            if "offpolicy_kl" in m:  # the policy's drift from the sampler, update by update
-                per_update[f"offpolicy_kl/update{j}"] = float(m["offpolicy_kl"])
+            gap = {k: float(m.pop(k)) for k in list(m) if k.startswith("train_sampler_")}
+            if gap:
+                first = first or gap
+                per_update[f"offpolicy_kl/update{j}"] = gap["train_sampler_kl"]
+                m["offpolicy_kl"] = gap["train_sampler_kl"]
             if targets is not None:
                 m = dict(m, **self._update_critic(exp, targets, idx))
             for k, v in m.items():
@@ -113,6 +119,7 @@ class Learner:
         count = a.ppo_epochs * a.minibatches
         out = {k: v / count for k, v in sums.items()}
         out["skipped_nonfinite"] = sums.get("skipped_nonfinite", 0.0)
+        out.update(first)
         if len(per_update) > 1:
             out.update(per_update)
         if a.entropy_target is not None:
