@@ -49,7 +49,7 @@ GROUP_ADVANTAGES = ("grpo", "drgrpo", "rloo", "reinforce_pp_baseline", "passk") 
 ADVANTAGES = GROUP_ADVANTAGES + ("reinforce_pp", "gae")
 CRITICS = ("separate",)  # a separate value model: a trunk initialised from the policy plus a linear value head
 DTYPES = ("float32", "bfloat16")
-REMAT = ("none", "full", "dots")
+REMAT = ("auto", "none", "full", "dots")
 ATTENTION = ("auto", "dense", "blockwise", "cudnn", "splash")  # jaxrl_llm.models.attention.KERNELS
 SOURCES = ("task", "gym", "jsonl", "parquet", "hf_disk")
 TRUNCATE = ("error", "left", "right")  # a prompt longer than data.max_prompt_tokens: error, or cut on that side
@@ -81,7 +81,9 @@ class ModelSection:
     cache_dir: str | None = None  # local copies of URI checkpoints (None: $JAXRL_CACHE_DIR/models or ~/.cache/...)
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"  # storage dtype of the trained parameters
-    remat: str = "none"  # activation rematerialisation per layer: none | full | dots
+    # activation rematerialisation per layer: auto | none | full | dots (auto: full from 8,192 response tokens on,
+    # where the activations kept for the backward pass outgrow the weights; none below)
+    remat: str = "auto"
     # attention kernel: auto | dense | blockwise | cudnn (NVIDIA GPUs) | splash (TPUs). auto: splash on TPUs,
     # cuDNN on GPUs where it needs no [T, S] mask, else blockwise; on CPUs dense up to 256 keys, then blockwise
     attention: str = "auto"

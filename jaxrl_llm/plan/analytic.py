@@ -51,7 +51,7 @@ def analytic_plan(cfg, mc, sizes: dict[str, int]) -> MemoryPlan:
     cast = sample_weights * sbytes // pbytes if sbytes != pbytes else 0  # weights cast to rollout.sampler_dtype
     sample_logits = sample_rows * mc.vocab_size * 4 * 4  # logits, scaled, filtered, probabilities
     score_dev = _div(s.score_micro, s.dp)  # scoring runs a micro-batch of whole groups at a time
-    score = _layer_forward(mc, score_dev, t, tensor, cbytes) + score_dev * min(cfg.train.logprob_chunk,
+    score = _layer_forward(mc, cfg, score_dev, t, tensor, cbytes) + score_dev * min(cfg.train.logprob_chunk,
                                                                              s.response) * mc.vocab_size * 4 * 3
     return MemoryPlan(method="analytic", params=params, opt_state=opt, ref_params=ref, critic=critic, batch=batch,
                       sampler_copy=params if cfg.rollout.async_rollout and not k else 0, disaggregated=bool(k),
@@ -77,18 +77,30 @@ def _token_layer_bytes(mc, tensor: int, cbytes: int) -> int:
     return cbytes * (4 * d + (3 * heads + 4 * kv) * hd) + mlp + 4 * 2 * d  # + float32 norm statistics
 
 
-def _layer_forward(mc, rows: int, t: int, tensor: int, cbytes: int) -> int:
-    """One layer's activations for ``rows`` sequences of ``t`` tokens, with float32 attention scores."""
+def _layer_forward(mc, cfg, rows: int, t: int, tensor: int, cbytes: int) -> int:
+    """One layer's activations for ``rows`` sequences of ``t`` tokens. Dense attention keeps float32 scores and
+    probabilities ``[t, t]`` per head; the blockwise, splash and cuDNN kernels keep one float32 log-sum-exp per
+    query and hold one block of scores at a time."""
+    from jaxrl_llm.models.attention import CPU_DENSE_MAX_KEYS, KEY_BLOCK, QUERY_BLOCK
+
     heads = _div(mc.num_heads, tensor)
-    return rows * t * _token_layer_bytes(mc, tensor, cbytes) + rows * heads * t * t * (4 + cbytes)
+    kind = cfg.model.attention
+    if kind == "dense" or (kind == "auto" and t <= CPU_DENSE_MAX_KEYS):
+        scores = rows * heads * t * t * (4 + cbytes)
+    else:
+        scores = rows * heads * (t * 4 + min(t, QUERY_BLOCK) * KEY_BLOCK * (4 + cbytes))
+    return rows * t * _token_layer_bytes(mc, tensor, cbytes) + scores
 
 
 def _train_activations(mc, cfg, rows: int, t: int, tensor: int, cbytes: int) -> int:
     """Activations saved for the backward pass of one micro-batch, by remat policy."""
-    layer = _layer_forward(mc, rows, t, tensor, cbytes)
-    if cfg.model.remat == "full":  # only each layer's input is kept; one layer is recomputed at a time
+    from jaxrl_llm.models.remat import resolve_remat
+
+    layer = _layer_forward(mc, cfg, rows, t, tensor, cbytes)
+    remat = resolve_remat(cfg.model.remat, cfg.rollout.max_new_tokens)
+    if remat == "full":  # only each layer's input is kept; one layer is recomputed at a time
         return mc.num_layers * rows * t * mc.hidden_size * cbytes + layer
-    if cfg.model.remat == "dots":  # matmul outputs without batch dimensions are kept
+    if remat == "dots":  # matmul outputs without batch dimensions are kept
         d, hd = mc.hidden_size, mc.head_dim
         kept = cbytes * (2 * d + (_div(mc.num_heads, tensor) + 2 * _div(mc.num_kv_heads, tensor)) * hd
                          + 2 * _div(mc.intermediate_size, tensor))

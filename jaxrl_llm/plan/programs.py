@@ -35,10 +35,12 @@ def _abstract_policy(cfg, mc, layout):
     from flax import nnx
 
     from jaxrl_llm.models import Decoder
+    from jaxrl_llm.models.remat import resolve_remat
     from jaxrl_llm.trainer.rl import DTYPES
 
     model = nnx.eval_shape(lambda: Decoder(mc, rngs=nnx.Rngs(0), dtype=DTYPES[cfg.model.dtype],
-                                           param_dtype=DTYPES[cfg.model.param_dtype], remat=cfg.model.remat,
+                                           param_dtype=DTYPES[cfg.model.param_dtype],
+                                           remat=resolve_remat(cfg.model.remat, cfg.rollout.max_new_tokens),
                                            attention=cfg.model.attention))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     for state in (params, rest):
@@ -223,6 +225,8 @@ def compile_plan(cfg, mc, sizes: dict[str, int], *, devices=None, cache: dict | 
     if len(devices) != n + k:
         raise PlanError(f"mesh {mesh_text(sizes)}{f' + {k} sampler devices' if k else ''} needs {n + k} devices, "
                         f"{len(devices)} are available here")
+    from jaxrl_llm.models.remat import resolve_remat
+
     cache = {} if cache is None else cache
     lowered = {} if lowered is None else lowered
     start = time.perf_counter()
@@ -235,7 +239,7 @@ def compile_plan(cfg, mc, sizes: dict[str, int], *, devices=None, cache: dict | 
     state = nnx.merge_state(params, rest)
     sampler_state = _replicated_on(sampler_layout, state) if k else state
     m, r = cfg.model, cfg.rollout
-    base = (mc, mesh_text(sizes), k, m.dtype, m.param_dtype, m.remat, s.prompt, s.response, r.n,
+    base = (mc, mesh_text(sizes), k, m.dtype, m.param_dtype, resolve_remat(m.remat, r.max_new_tokens), s.prompt, s.response, r.n,
             cfg.train.prompts_per_step, str(sorted(cfg.mesh.rules.items())))
     update_key = ("update", base, s.micro, s.num_micro, dataclasses.astuple(cfg.algorithm))
     if update_key not in cache:  # traced under the trainer's layout, as the trainer does (parallel.constrain_rows)

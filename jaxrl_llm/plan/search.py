@@ -59,12 +59,14 @@ def _prompt_choices(cfg) -> list[int]:
 
 def suggestion_groups(cfg, sizes: dict[str, int]) -> list[list[Variant]]:
     """Groups of alternatives that reduce memory; within a group the first that fits is reported."""
+    from jaxrl_llm.models.remat import resolve_remat
+
     dp = sizes["data"] * sizes["fsdp"]
     groups: list[list[Variant]] = [
         [Variant(f"train.micro_batch_size={m}", [f"train.micro_batch_size={m}"], sizes)
          for m in _micro_batch_choices(cfg, dp)],
         [Variant(f"train.prompts_per_step={p}", [f"train.prompts_per_step={p}"], sizes) for p in _prompt_choices(cfg)]]
-    if cfg.model.remat != "full":
+    if resolve_remat(cfg.model.remat, cfg.rollout.max_new_tokens) != "full":
         groups.append([Variant("model.remat=full", ["model.remat=full"], sizes)])
     wider = dict(sizes, data=1, fsdp=sizes["fsdp"] * sizes["data"]) if sizes["data"] > 1 else \
         dict(sizes, fsdp=sizes["fsdp"] * 2)

@@ -25,6 +25,7 @@ from jaxrl_llm.distributed import host
 from jaxrl_llm.errors import Interrupted, blame
 from jaxrl_llm.hardware import peak_tflops
 from jaxrl_llm.models import load_hf, save_hf
+from jaxrl_llm.models.remat import resolve_remat
 from jaxrl_llm.parallel import Layout, make_mesh, merge_rules
 from jaxrl_llm.rewards import get_reward
 from jaxrl_llm.sampling import Sampler
@@ -139,7 +140,8 @@ class RLTrainer:
         m = self.cfg.model
         with blame("model.path", m.path):
             return load_hf(m.path, mesh=self.layout.mesh, rules=self.layout.rules, dtype=DTYPES[m.dtype],
-                           param_dtype=DTYPES[m.param_dtype], remat=m.remat, attention=m.attention,
+                           param_dtype=DTYPES[m.param_dtype],
+                           remat=resolve_remat(m.remat, self.cfg.rollout.max_new_tokens), attention=m.attention,
                            cache_dir=m.cache_dir)
 
     def __enter__(self) -> "RLTrainer":
