@@ -116,38 +116,34 @@ def open(path, mode: str = "r", *, encoding: str | None = "utf-8", **kwargs):  #
     return io.TextIOWrapper(fs.open(inner, mode.replace("t", "") + "b", **kwargs), encoding=enc, newline="")
 
 
-def exists(path) -> bool:
+def _dispatch(path, local, remote):
+    """``local(path)`` for a local path, ``remote(fs, inner)`` for a URI (its fsspec filesystem and inner path)."""
     path = os.fspath(path)
     if not is_uri(path):
-        return os.path.exists(path)
-    fs, inner = filesystem(path)
-    return fs.exists(inner)
+        return local(path)
+    return remote(*filesystem(path))
+
+
+def exists(path) -> bool:
+    return _dispatch(path, os.path.exists, lambda fs, inner: fs.exists(inner))
 
 
 def isdir(path) -> bool:
-    path = os.fspath(path)
-    if not is_uri(path):
-        return os.path.isdir(path)
-    fs, inner = filesystem(path)
-    return fs.isdir(inner)
+    return _dispatch(path, os.path.isdir, lambda fs, inner: fs.isdir(inner))
 
 
 def isfile(path) -> bool:
-    path = os.fspath(path)
-    if not is_uri(path):
-        return os.path.isfile(path)
-    fs, inner = filesystem(path)
-    return fs.isfile(inner)
+    return _dispatch(path, os.path.isfile, lambda fs, inner: fs.isfile(inner))
+
+
+def _ls_names(fs, inner: str) -> list[str]:
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(inner, detail=False)
+                  if p.rstrip("/") != inner.rstrip("/"))
 
 
 def listdir(path) -> list[str]:
     """Names (not paths) of the entries of a directory, sorted."""
-    path = os.fspath(path)
-    if not is_uri(path):
-        return sorted(os.listdir(path))
-    fs, inner = filesystem(path)
-    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(inner, detail=False)
-                  if p.rstrip("/") != inner.rstrip("/"))
+    return _dispatch(path, lambda p: sorted(os.listdir(p)), _ls_names)
 
 
 def glob(pattern) -> list[str]:
@@ -167,39 +163,24 @@ def glob(pattern) -> list[str]:
 
 
 def makedirs(path) -> None:
-    path = os.fspath(path)
-    if not is_uri(path):
-        os.makedirs(path, exist_ok=True)
-        return
-    fs, inner = filesystem(path)
-    fs.makedirs(inner, exist_ok=True)
+    _dispatch(path, lambda p: os.makedirs(p, exist_ok=True), lambda fs, inner: fs.makedirs(inner, exist_ok=True))
 
 
 def remove(path) -> None:
-    path = os.fspath(path)
-    if not is_uri(path):
-        os.remove(path)
-        return
-    fs, inner = filesystem(path)
-    fs.rm(inner)
+    _dispatch(path, os.remove, lambda fs, inner: fs.rm(inner))
 
 
-def rmtree(path) -> None:
-    path = os.fspath(path)
-    if not is_uri(path):
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    fs, inner = filesystem(path)
+def _rm_tree(fs, inner: str) -> None:
     if fs.exists(inner):
         fs.rm(inner, recursive=True)
 
 
+def rmtree(path) -> None:
+    _dispatch(path, lambda p: shutil.rmtree(p, ignore_errors=True), _rm_tree)
+
+
 def size(path) -> int:
-    path = os.fspath(path)
-    if not is_uri(path):
-        return os.path.getsize(path)
-    fs, inner = filesystem(path)
-    return int(fs.size(inner))
+    return _dispatch(path, os.path.getsize, lambda fs, inner: int(fs.size(inner)))
 
 
 def read_text(path) -> str:

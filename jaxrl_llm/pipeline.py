@@ -118,7 +118,7 @@ def _pipeline_error(err: OmegaConfBaseException, where: str) -> ConfigError:
 def load_pipeline_config(path: str | None, overrides: list[str]) -> PipelineConfig:
     """The pipeline config from the defaults, a YAML file and ``key=value`` overrides; raises
     :class:`ConfigError` (one line naming the key) on an unknown key or a bad value."""
-    from jaxrl_llm.config import _parse_override
+    from jaxrl_llm.config import parse_override
 
     cfg = OmegaConf.structured(PipelineConfig)
     if path:
@@ -132,7 +132,7 @@ def load_pipeline_config(path: str | None, overrides: list[str]) -> PipelineConf
         except OmegaConfBaseException as err:
             raise _pipeline_error(err, path) from None
     for text in overrides:
-        key, value = _parse_override(text)
+        key, value = parse_override(text)
         try:
             OmegaConf.update(cfg, key, value, merge=True, force_add=False)
         except OmegaConfBaseException as err:

@@ -34,6 +34,22 @@ CURVES = [
 ]
 
 
+def _save(fig, ax, out_dir: str, name: str, *, xlabel: str, title: str, ylabel: str | None = None,
+          legend: bool = True, legend_size: int | None = None) -> str:
+    """Label and title the axes, add the legend (in font size ``legend_size``, default: matplotlib's), then write
+    the figure as ``out_dir/name`` and close it; returns ``name``."""
+    ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend:
+        ax.legend(**({} if legend_size is None else {"fontsize": legend_size}))
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, name), dpi=110)
+    plt.close(fig)
+    return name
+
+
 def _plot_curves(rows: list[dict], out_dir: str) -> list[str]:
     files = []
     steps = [r["step"] for r in rows]
@@ -47,15 +63,8 @@ def _plot_curves(rows: list[dict], out_dir: str) -> list[str]:
                 drawn += 1
         if not drawn:
             ax.text(0.5, 0.5, "not recorded in this run", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xlabel("RL step")
-        ax.set_title(title)
-        if drawn > 1:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
         name = "curve_" + title.split(" ")[0].replace("@", "at") + ".png"
-        fig.savefig(os.path.join(out_dir, name), dpi=110)
-        plt.close(fig)
-        files.append(name)
+        files.append(_save(fig, ax, out_dir, name, xlabel="RL step", title=title, legend=drawn > 1, legend_size=7))
     return files
 
 
@@ -66,14 +75,8 @@ def _plot_passk(before: dict, after: dict, difficulties: list[int], out_dir: str
         mean = [sum(table[d][f"pass@{k}"] for d in difficulties) / len(difficulties) for k in ks]
         ax.plot(ks, mean, style, label=label)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("k")
-    ax.set_ylabel("pass@k")
-    ax.set_title(f"pass@k on held-out RL difficulties {difficulties}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "passk_vs_k.png"), dpi=110)
-    plt.close(fig)
-    return "passk_vs_k.png"
+    return _save(fig, ax, out_dir, "passk_vs_k.png", xlabel="k", ylabel="pass@k",
+                 title=f"pass@k on held-out RL difficulties {difficulties}")
 
 
 def _plot_difficulty(before: dict, after: dict, out_dir: str) -> str:
@@ -83,14 +86,8 @@ def _plot_difficulty(before: dict, after: dict, out_dir: str) -> str:
         ax.plot(ds, [table[d]["pass@1"] for d in ds], style + "o", label=f"{label} pass@1")
         ax.plot(ds, [table[d]["pass@16"] if "pass@16" in table[d] else float("nan") for d in ds], style + "s",
                 label=f"{label} pass@16", alpha=0.6)
-    ax.set_xlabel("difficulty (number of operations)")
-    ax.set_ylabel("accuracy")
-    ax.set_title("accuracy vs difficulty (held out)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "accuracy_vs_difficulty.png"), dpi=110)
-    plt.close(fig)
-    return "accuracy_vs_difficulty.png"
+    return _save(fig, ax, out_dir, "accuracy_vs_difficulty.png", xlabel="difficulty (number of operations)",
+                 ylabel="accuracy", title="accuracy vs difficulty (held out)", legend_size=7)
 
 
 def _table(before: dict, after: dict) -> str:
@@ -146,13 +143,7 @@ def _plot_eval(rows: list[dict], out_dir: str) -> str:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for key in _eval_keys(evals) + ["eval/reward_mean"]:
         ax.plot([r["step"] for r in evals], [r.get(key, float("nan")) for r in evals], "-o", label=key, ms=3)
-    ax.set_xlabel("RL step")
-    ax.set_title("held-out evaluation")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "curve_eval.png"), dpi=110)
-    plt.close(fig)
-    return "curve_eval.png"
+    return _save(fig, ax, out_dir, "curve_eval.png", xlabel="RL step", title="held-out evaluation", legend_size=7)
 
 
 def _plot_passk_steps(first: dict, last: dict, prefix: str, out_dir: str) -> str:
@@ -161,14 +152,8 @@ def _plot_passk_steps(first: dict, last: dict, prefix: str, out_dir: str) -> str
         ks = sorted(int(k.split("@")[1]) for k in row if k.startswith(prefix + "pass@"))
         ax.plot(ks, [row[f"{prefix}pass@{k}"] for k in ks], style, label=f"step {row['step']}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("k")
-    ax.set_ylabel("pass@k")
-    ax.set_title("pass@k, " + ("held-out prompts" if prefix else "training groups"))
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "passk_vs_k.png"), dpi=110)
-    plt.close(fig)
-    return "passk_vs_k.png"
+    return _save(fig, ax, out_dir, "passk_vs_k.png", xlabel="k", ylabel="pass@k",
+                 title="pass@k, " + ("held-out prompts" if prefix else "training groups"))
 
 
 def _config_notes(run_dir: str) -> dict:

@@ -78,3 +78,26 @@ def test_terms_match_what_xla_counts_for_a_full_attention_forward(length):
     assert abs(xla / full - 1) < 0.05, (xla, full)
     causal = forward_flops(cfg, [length], [[0]], shared=True)
     assert causal == weight_flops_per_token(cfg) * length + attention_flops_per_pair(cfg) * length * (length + 1) / 2
+
+
+def test_throughput_metric_counts_the_step_passes():
+    """The trainer's throughput metrics take their FLOPs from rl_step_flops: the rows of a rollout (each prompt
+    repeated n times, left-padded; responses right-padded) give the same lengths as PROMPTS and RESPONSES."""
+    import numpy as np
+
+    from jaxrl_llm.sampling import Rollout
+    from jaxrl_llm.trainer.metrics import throughput
+
+    prompt_mask = np.array([[0, 0, 1, 1, 1]] * 2 + [[1, 1, 1, 1, 1]] * 2, bool)
+    mask = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], bool)
+    ro = Rollout(prompt_ids=jnp.zeros((4, 5), jnp.int32), prompt_mask=jnp.asarray(prompt_mask),
+                 tokens=jnp.zeros((4, 4), jnp.int32), logprobs=jnp.zeros((4, 4)), mask=jnp.asarray(mask),
+                 lengths=jnp.asarray(mask.sum(1), jnp.int32), finish_reason=jnp.zeros(4, jnp.int32), n=2)
+    passes = StepPasses(scoring=1, scoring_shared=True, update_epochs=2, update_shared=False)
+    out = throughput(ro, 2.0, TINY, passes, 2, peak_tflops=1e-6, devices=4)
+    # sampling and one scoring pass with shared prompts, 2 epochs of updates (3 forwards each) without
+    shared, unshared = 2464 * 15 + 64 * 64, 2464 * 23 + 64 * 85
+    assert out["model_tflops_per_sec"] == pytest.approx((2 * shared + 6 * unshared) / 2.0 / 1e12, rel=1e-12)
+    assert out["tokens_per_sec"] == (2 * 3 + 2 * 5 + 7) / 2.0
+    assert out["mfu"] == pytest.approx(out["model_tflops_per_sec"] / (1e-6 * 4), rel=1e-12)
+    assert "mfu" not in throughput(ro, 2.0, TINY, passes, 2, peak_tflops=None, devices=4)

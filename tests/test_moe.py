@@ -18,21 +18,19 @@ from jaxrl_llm.parallel import make_mesh, shard_model
 
 def dense_moe(x, router, gate, up, down, k, norm_topk_prob, forced=None):
     """The layer as it was: router softmax in float32, top-k (or the forced experts), every expert evaluated for
-    every token and combined with the gate weights (zero for the experts not chosen)."""
+    every token and combined with the gate weights (zero for the experts not chosen). The gate weights are the
+    probabilities masked to the chosen experts (counted as often as chosen), renormalised over the experts."""
     logits = jnp.einsum("btd,de->bte", x, router).astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
-    if forced is None:
-        top_p, top_i = jax.lax.top_k(probs, k)
-    else:
-        top_i = forced.astype(jnp.int32)
-        top_p = jnp.take_along_axis(probs, top_i, axis=-1)
+    chosen = jax.lax.top_k(probs, k)[1] if forced is None else forced.astype(jnp.int32)
+    times_chosen = jnp.sum(jax.nn.one_hot(chosen, gate.shape[0], dtype=jnp.float32), axis=-2)
+    weights = probs * times_chosen
     if norm_topk_prob:
-        top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
-    weights = jnp.sum(jax.nn.one_hot(top_i, gate.shape[0], dtype=jnp.float32) * top_p[..., None], axis=-2)
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     g = jnp.einsum("btd,edf->btef", x, gate)
     u = jnp.einsum("btd,edf->btef", x, up)
     y = jnp.einsum("btef,efd->bted", jax.nn.silu(g) * u, down)
-    return jnp.einsum("bted,bte->btd", y, weights.astype(x.dtype)), logits, top_i
+    return jnp.einsum("bted,bte->btd", y, weights.astype(x.dtype)), logits, chosen
 
 
 def routed_moe(x, router, gate, up, down, k, norm_topk_prob, forced=None):

@@ -93,14 +93,27 @@ def _parse_json(line: bytes, where: str) -> dict:
     return row
 
 
-class JsonlSource:
-    """The rows of one JSON-lines file (``.jsonl``, ``.json``, or gzip-compressed ``.gz``)."""
+class _FileSource:
+    """A source over one data file: ``path`` as given and ``_read_path``, the file read (a copy in the local data
+    cache when the file needs converting first), through the per-thread handles ``_handles`` of a subclass."""
 
-    def __init__(self, path: str, *, cache: str | None = None):
+    _handles: _Handles
+
+    def __init__(self, path: str):
         if not paths.isfile(path):
             raise FileNotFoundError(f"data file not found: {path}")
         self.path = path
         self._read_path = path
+
+    def close(self) -> None:
+        self._handles.close()
+
+
+class JsonlSource(_FileSource):
+    """The rows of one JSON-lines file (``.jsonl``, ``.json``, or gzip-compressed ``.gz``)."""
+
+    def __init__(self, path: str, *, cache: str | None = None):
+        super().__init__(path)
         if path.lower().endswith(".gz"):
             def decompress(tmp: str) -> None:
                 with paths.open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as src, open(tmp, "wb") as out:
@@ -150,9 +163,6 @@ class JsonlSource:
                     where = f"{self.path}:{lineno}"
                     yield where, _parse_json(line, where)
 
-    def close(self) -> None:
-        self._handles.close()
-
 
 def _parquet_file(handle):
     import pyarrow.parquet as pq
@@ -161,14 +171,11 @@ def _parquet_file(handle):
     return pq.ParquetFile(handle, buffer_size=1 << 20, pre_buffer=False)
 
 
-class ParquetSource:
+class ParquetSource(_FileSource):
     """The rows of one Parquet file, read by row group."""
 
     def __init__(self, path: str, *, cache: str | None = None):
-        if not paths.isfile(path):
-            raise FileNotFoundError(f"data file not found: {path}")
-        self.path = path
-        self._read_path = path
+        super().__init__(path)
         with paths.open(path, "rb") as f:
             meta = _parquet_file(f).metadata
             counts = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
@@ -223,9 +230,6 @@ class ParquetSource:
                 for row in batch.to_pylist():
                     yield f"{self.path} row {i}", row
                     i += 1
-
-    def close(self) -> None:
-        self._handles.close()
 
 
 class HFDiskSource:

@@ -7,6 +7,7 @@ import numpy as np
 from jaxrl_llm.distributed import host
 from jaxrl_llm.metrics import mean_pass_at_k
 from jaxrl_llm.sampling import Rollout
+from jaxrl_llm.trainer.flops import StepPasses, rl_step_flops
 
 __all__ = ["rollout_metrics", "throughput"]
 
@@ -29,12 +30,15 @@ def rollout_metrics(ro: Rollout, rewards: np.ndarray, per_fn: dict[str, np.ndarr
     return out
 
 
-def throughput(ro: Rollout, seconds: float, num_params: int, ppo_epochs: int, peak_tflops: float | None,
+def throughput(ro: Rollout, seconds: float, model_cfg, passes: StepPasses, n: int, peak_tflops: float | None,
                devices: int) -> dict[str, float]:
-    """Tokens per second, model TFLOP/s (6 N per trained token and epoch, 2 N per sampled and per scored token)
-    and, with a known peak, the model FLOPs utilisation of every device the run uses."""
+    """Tokens per second, model TFLOP/s (the FLOPs of the ``passes`` the step ran over its ``n`` responses per
+    prompt, :func:`jaxrl_llm.trainer.flops.rl_step_flops`) and, with a known peak, the model FLOPs utilisation of
+    every device the run uses."""
     tokens = float(jnp.sum(ro.mask) + jnp.sum(ro.prompt_mask))
-    flops = 6 * num_params * tokens * ppo_epochs + 4 * num_params * tokens
+    prompt_lengths = host(ro.prompt_mask)[::n].sum(1)  # rows repeat each prompt n times
+    response_lengths = host(ro.mask).sum(1).reshape(-1, n)
+    flops = rl_step_flops(model_cfg, prompt_lengths, response_lengths, passes)["total"]
     out = {"tokens_per_sec": tokens / seconds, "model_tflops_per_sec": flops / seconds / 1e12}
     if peak_tflops is not None:
         out["mfu"] = out["model_tflops_per_sec"] / (peak_tflops * devices)

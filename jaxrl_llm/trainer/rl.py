@@ -34,6 +34,7 @@ from jaxrl_llm.tracking import MetricsLogger, Progress
 from jaxrl_llm.trainer.async_resume import checkpoint_entries
 from jaxrl_llm.trainer.evaluation import Evaluator
 from jaxrl_llm.trainer.experience import make_experience
+from jaxrl_llm.trainer.flops import step_passes
 from jaxrl_llm.trainer.guard import StepChecks, check_finite
 from jaxrl_llm.trainer.lifecycle import StopWatch, open_checkpoints
 from jaxrl_llm.trainer.metrics import rollout_metrics, throughput
@@ -175,8 +176,10 @@ class RLTrainer:
         self.step += 1
         metrics = {**update_metrics, **scores.metrics, **step.metrics, **({"bupo_warmup": 1.0} if bupo else {}),
                    **rollout_metrics(ro, step.rewards, batch.per_fn, cfg.rollout.n), **batch.stats, **times}
-        metrics.update(throughput(ro, sum(times.values()), self.model_cfg.num_params(), cfg.algorithm.ppo_epochs,
-                                  self.peak_tflops, len(self.devices)))
+        passes = step_passes(cfg, old_logp_from_update=self.scorer.from_update, bupo_warmup=bupo,
+                             score_group=self.scorer.prompt_group, update_group=learner.sharing.update_group)
+        metrics.update(throughput(ro, sum(times.values()), self.model_cfg, passes, cfg.rollout.n, self.peak_tflops,
+                                  len(self.devices)))
         return {k: float(v) for k, v in metrics.items()}
 
     # ---- state -------------------------------------------------------------------------------------------
