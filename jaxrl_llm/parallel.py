@@ -170,6 +170,24 @@ def constrain_rows(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, P(axes))
 
 
+def constrain_state(state):
+    """Every variable of an nnx ``state`` kept placed by its logical axes under the mesh set with ``jax.set_mesh``
+    and the active rules (a no-op without a mesh): pins sharded weights where sharding propagation would move a
+    gather (remat.py orders the layers' gathers with it)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return state
+    rules = _ACTIVE_RULES.get()
+
+    def one(var):
+        names = var.get_metadata().get("logical_axes")
+        value = var.get_value()
+        spec = _spec_fits(value.shape, logical_to_pspec(names, rules, mesh), mesh) if names else P()
+        return var.replace(jax.lax.with_sharding_constraint(value, spec))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where a run's arrays live: a mesh and the logical-axis rules that place every array on it (parameters by

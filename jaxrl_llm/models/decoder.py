@@ -152,12 +152,15 @@ class Decoder(nnx.Module):
         new_k, new_v = [], []
         call = rematerialised(self.remat)
         moe_i = 0
+        anchor = x  # the previous layer's input: a layer's weights are gathered once it exists (remat.py)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else LayerCache(cache.k[i], cache.v[i])
             forced = None
             if layer.is_moe and forced_experts is not None:
                 forced = forced_experts[moe_i]
-            x, layer_cache, logits, chosen = call(layer, x, rope, mask, layer_cache, cache_index, forced)
+            layer_input = x
+            x, layer_cache, logits, chosen = call(layer, anchor, x, rope, mask, layer_cache, cache_index, forced)
+            anchor = layer_input
             x = constrain_rows(x)
             if layer.is_moe:
                 router_logits.append(logits)

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxrl_llm.parallel import constrain_state
+
 REMAT_POLICIES = ("none", "full", "dots")
 REMAT_SETTINGS = ("auto", *REMAT_POLICIES)  # what ``model.remat`` accepts
 # ``auto`` recomputes layers (``full``) from this response budget on: the activations a layer keeps grow with the
@@ -50,10 +52,11 @@ def _after(gradient, residuals, keep: list[bool]):
     return jax.tree.unflatten(treedef, leaves)
 
 
-def _in_order(fn, policy):
+def _in_order(fn, policy, *, delay_params: bool = False):
     """``fn(params, args)`` with a backward pass that recomputes what ``policy`` does not save, after the output
-    gradient arrives."""
-    params_flags: list[bool] = []  # per residual leaf: is it a parameter (no need to delay reading those)
+    gradient arrives; ``delay_params`` also makes the backward pass read the parameters only then (so sharded
+    weights are gathered again there rather than kept gathered from the forward pass)."""
+    params_flags: list[bool] = []  # per residual leaf: is it a parameter (not delayed unless delay_params)
 
     @jax.custom_vjp
     def call(params, args):
@@ -62,7 +65,7 @@ def _in_order(fn, policy):
     def fwd(params, args):
         out, vjp = jax.vjp(jax.checkpoint(fn, policy=policy), params, args)
         param_ids = {id(p) for p in jax.tree.leaves(params)}
-        params_flags[:] = [id(r) in param_ids for r in jax.tree.leaves(vjp)]
+        params_flags[:] = [id(r) in param_ids and not delay_params for r in jax.tree.leaves(vjp)]
         return out, vjp
 
     def bwd(vjp, g):
@@ -72,19 +75,34 @@ def _in_order(fn, policy):
     return call
 
 
-def _plain(layer, *args):
-    return layer(*args)
+def _on_a_mesh() -> bool:
+    """Whether the program is traced under a mesh of more than one device (``jax.set_mesh``), whose sharded
+    weights each layer gathers."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and mesh.size > 1
+
+
+_SAVEABLE = {"none": jax.checkpoint_policies.everything_saveable, "full": None,
+             "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def rematerialised(policy: str):
-    """``call(layer, *args) = layer(*args)`` under the rematerialisation ``policy`` (``REMAT_POLICIES``)."""
-    if policy == "none":
-        return _plain
+    """``call(layer, anchor, *args) = layer(*args)`` under the rematerialisation ``policy`` (``REMAT_POLICIES``).
+
+    On a mesh, the layer's weights are read only once ``anchor`` exists (the decoder passes the previous layer's
+    input), and its backward pass reads them again once its output gradient exists: weights sharded over
+    ``fsdp`` are then gathered about one layer at a time, forward and backward, instead of all at the start and
+    kept gathered until the backward pass (which XLA's schedulers do with a plain loop of layers)."""
     if policy not in REMAT_POLICIES:
         raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {policy!r}")
-    saveable = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
-    def call(layer, *args):
+    def call(layer, anchor, *args):
+        ordered = _on_a_mesh()
+        if policy == "none" and not ordered:
+            return layer(*args)
         graphdef, params = nnx.split(layer)
-        return _in_order(lambda p, a: nnx.merge(graphdef, p)(*a), saveable)(params, args)
+        if ordered:  # kept sharded on both sides of the dependence, so that the gather comes after it
+            params = constrain_state(_after(anchor, constrain_state(params), [False] * len(jax.tree.leaves(params))))
+        fn = _in_order(lambda p, a: nnx.merge(graphdef, p)(*a), _SAVEABLE[policy], delay_params=ordered)
+        return fn(params, args)
     return call
