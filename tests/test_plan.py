@@ -270,3 +270,25 @@ def test_analytic_update_memory_per_doubling_of_the_length(kernel):
         assert all(1.2 < g <= 2.2 for g in growth), growth
     else:
         assert all(g > 2.5 for g in growth), growth
+
+
+@pytest.mark.slow
+def test_fsdp_gathers_weights_a_layer_at_a_time(tmp_path):
+    # with weights split over fsdp=8, the compiled temporaries of scoring and the update must not hold every
+    # layer's gathered weights: going from 2 to 6 layers may add the extra layers' shards and their gradients,
+    # not 4 gathered layers (which a plain loop of layers gives: XLA hoists every gather out of the micro-batch loop)
+    def temps(layers):
+        path = tmp_path / f"c{layers}.json"
+        path.write_text(json.dumps(dict(model_type="qwen3", vocab_size=1024, hidden_size=512, intermediate_size=2048,
+                                        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
+                                        head_dim=64, max_position_embeddings=512, tie_word_embeddings=True)))
+        cfg = load_config(GRPO, [f"model.path={path}", "mesh.data=1", "mesh.fsdp=8", "rollout.max_new_tokens=64",
+                                 "data.max_prompt_tokens=32", "train.micro_batch_size=8", "train.prompts_per_step=8",
+                                 "rollout.n=8"])
+        plan = planner.compile_plan(cfg, planner.resolve_model(str(path)), dict(data=1, fsdp=8, tensor=1, expert=1))
+        return plan.score_temp, plan.update_temp
+
+    layer = 4 * (4 * 512 * 512 + 3 * 512 * 2048)  # one layer's weights gathered, float32 (q, k, v, o ~ 4 x 512^2)
+    (score2, update2), (score6, update6) = temps(2), temps(6)
+    assert score6 - score2 < layer, (score2, score6, layer)
+    assert update6 - update2 < 2 * layer, (update2, update6, layer)

@@ -11,6 +11,14 @@ activations would. Here the backward rule makes the recomputation's inputs depen
 layer's outputs (``x + 0 * g[0]``, exact for finite gradients), so layer ``l`` is recomputed only once layer
 ``l + 1``'s backward pass has run, on every backend. The compiled temporary memory
 (``memory_analysis().temp_size_in_bytes``) then falls as it should (tests/test_attention.py checks it).
+
+The same dependence orders the gathers of weights sharded over ``fsdp``. XLA gathers a sharded weight where it is
+used; a plain loop of layers lets it gather every layer's weights once, hoisted out of the micro-batch loop, and
+keep them gathered for the backward pass: a whole model's worth of memory per device. On a mesh every layer's
+weights are therefore made to depend on the previous layer's input (forward) and on the layer's output gradient
+(backward), so at most about two layers' weights are gathered at a time (``tests/test_plan.py`` checks that the
+compiled temporaries do not grow with the layer count). ``optimization_barrier`` would say the same but does not
+hold: XLA:CPU removes it before scheduling.
 """
 from __future__ import annotations
 
