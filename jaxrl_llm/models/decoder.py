@@ -39,6 +39,20 @@ class KVCache:
         """Apply ``fn`` to every per-row array (keys, values, mask), e.g. to repeat rows."""
         return self.replace(k=tuple(fn(x) for x in self.k), v=tuple(fn(x) for x in self.v), mask=fn(self.mask))
 
+    def with_slots(self, max_len: int) -> "KVCache":
+        """The cache extended with free slots to ``max_len``, its rows split over the mesh's batch axes.
+
+        Prompts are run once per group into a cache of just their slots: a step's few prompts may not divide over
+        the devices (8 prompts on 64), and a cache of the full length made for them would be held whole on every
+        device; the responses' rows, ``n`` per prompt, divide."""
+        def grow(x, axis):
+            pad = [(0, 0)] * x.ndim
+            pad[axis] = (0, max_len - self.max_len)
+            return constrain_rows(jnp.pad(constrain_rows(x), pad))
+
+        return self.replace(k=tuple(grow(x, 3) for x in self.k), v=tuple(grow(x, 2) for x in self.v),
+                            mask=grow(self.mask, 1))
+
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
     k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len)

@@ -47,12 +47,12 @@ class Rollout:
 
 def prefill(model: Decoder, prompt_ids, prompt_mask, n: int, max_len: int, cache_dtype):
     """Run the prompts once, then repeat cache and next-token logits for the ``n`` samples of each prompt."""
-    b = prompt_ids.shape[0]
-    cache = init_cache(model.cfg, b, max_len, cache_dtype)
+    b, p = prompt_ids.shape
+    cache = init_cache(model.cfg, b, p, cache_dtype)  # the prompts' slots; the rest once rows are repeated
     out = model(prompt_ids, left_pad_positions(prompt_mask), attention_mask=prompt_mask, cache=cache)
     logits = model.logits(out.hidden[:, -1:])[:, 0]  # left padding: the last column is every row's last token
     rep = functools.partial(jnp.repeat, repeats=n, axis=0)
-    cache = out.cache.map_batch(rep)
+    cache = out.cache.map_batch(rep).with_slots(max_len)
     experts = None if out.experts is None else jnp.repeat(out.experts, n, axis=1)
     return rep(logits), cache, experts
 

@@ -58,20 +58,22 @@ def _shared_prompt_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_e
     out, prompt_len = _prefill_groups(model, prompt_ids, prompt_mask, forced_experts, n, r)
     repeat = functools.partial(jnp.repeat, repeats=n, axis=0)
     positions = repeat(prompt_len)[:, None] + jnp.arange(r, dtype=jnp.int32)[None, :]
-    resp = model(tokens.astype(jnp.int32), positions, attention_mask=mask, cache=out.cache.map_batch(repeat),
+    resp = model(tokens.astype(jnp.int32), positions, attention_mask=mask,
+                 cache=out.cache.map_batch(repeat).with_slots(p + r),
                  forced_experts=None if forced_experts is None else forced_experts[:, :, p:])
     # left padding: the prompt's last column is every row's last prompt token, which predicts response token 0
     return jnp.concatenate([repeat(out.hidden[:, -1:]), resp.hidden[:, :-1]], axis=1)
 
 
 def _prefill_groups(model, prompt_ids, prompt_mask, forced_experts, n: int, slots: int):
-    """Run each group's prompt once: ``(output, prompt lengths)``; the output's cache has ``slots`` free slots."""
+    """Run each group's prompt once: ``(output, prompt lengths)``; the output's cache holds the prompts' slots
+    (:meth:`KVCache.with_slots` adds the ``slots`` free ones once rows are repeated)."""
     rows, p = prompt_ids.shape
     if rows % n:
         raise ValueError(f"{rows} rows do not form groups of {n} samples sharing a prompt")
     prompts, prompt_masks = prompt_ids[::n], prompt_mask[::n]
     fe_prompt = None if forced_experts is None else forced_experts[:, ::n, :p]  # a prompt is routed once
-    cache = init_cache(model.cfg, rows // n, p + slots, model.dtype)
+    cache = init_cache(model.cfg, rows // n, p, model.dtype)
     out = model(prompts, left_pad_positions(prompt_masks), attention_mask=prompt_masks, cache=cache,
                 forced_experts=fe_prompt)
     return out, prompt_masks.sum(axis=1).astype(jnp.int32)
@@ -89,7 +91,7 @@ def _packed_logprobs(model, prompt_ids, prompt_mask, tokens, mask, forced_expert
         fe = forced_experts[:, :, p:].reshape(layers, rows * r, k)[:, packing.src]
     packed = tokens.reshape(-1)[packing.src]
     resp = model(packed, prompt_len[packing.group][:, None] + packing.offset, segment_ids=packing.segment,
-                 cache=out.cache.map_batch(lambda x: x[packing.group]), forced_experts=fe)
+                 cache=out.cache.map_batch(lambda x: x[packing.group]).with_slots(p + r), forced_experts=fe)
     # a segment's first token is predicted by its prompt's last state (left padding: the last column), the others
     # by the previous slot
     last = out.hidden[:, -1][packing.group][:, None]
