@@ -87,7 +87,7 @@ def test_config_names_are_the_libraries_names():
     from jaxrl_llm import config as C
     from jaxrl_llm import losses as L
     from jaxrl_llm.losses import correction
-    from jaxrl_llm.models import REMAT_POLICIES
+    from jaxrl_llm.models.remat import REMAT_SETTINGS
     from jaxrl_llm.parallel import DEFAULT_RULES, MESH_AXES
     from jaxrl_llm.rewards import REWARDS
     from jaxrl_llm.sampling import Sampler
@@ -99,7 +99,7 @@ def test_config_names_are_the_libraries_names():
     assert set(C.ADVANTAGES) == set(A.ESTIMATORS)
     assert set(C.GROUP_ADVANTAGES) == {k for k, e in A.ESTIMATORS.items() if e.kind == "group"}
     assert set(C.ROLLOUT_IS) == set(correction.IS_LEVELS) and set(C.ROLLOUT_MASK) == set(correction.MASK_LEVELS)
-    assert set(C.REMAT) == set(REMAT_POLICIES) and set(C.SCHEDULES) == set(SCHEDULES)
+    assert set(C.REMAT) == set(REMAT_SETTINGS) and set(C.SCHEDULES) == set(SCHEDULES)
     assert set(C.CONSISTENCY) == set(Sampler.CONSISTENCY_MODES) and set(C.DTYPES) == set(DTYPES)
     assert set(C.LOGICAL_AXES) == set(DEFAULT_RULES) and C.MESH_AXES == MESH_AXES
     assert "task" in REWARDS

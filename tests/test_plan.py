@@ -212,7 +212,7 @@ def test_unknown_accelerator_is_a_clear_error(model_dir, tmp_path, capsys):
 
 def test_cli_prints_the_plan_and_its_verdict(model_dir, tmp_path, capsys):
     args = ["plan", "--config", GRPO, "--mesh", "fsdp=8", "--model-config", "qwen3-8b", "--analytic", "--json",
-            "--accelerator", "h100", "model.dtype=bfloat16", "train.micro_batch_size=16", "rollout.n=8",
+            "--accelerator", "h100", "model.dtype=bfloat16", "train.micro_batch_size=32", "rollout.n=8",
             "train.prompts_per_step=16", "data.max_prompt_tokens=512", "rollout.max_new_tokens=1536"]
     code = cli.main(args)
     out = json.loads(capsys.readouterr().out)

@@ -250,8 +250,9 @@ def compile_plan(cfg, mc, sizes: dict[str, int], *, devices=None, cache: dict | 
     update, batch = cache[update_key]
     sample_key = ("generate", base, dataclasses.astuple(r))
     if sample_key not in cache:
-        sampler, program = _generate_program(cfg, mc, model, sampler_state, sampler_layout or layout, s)
-        lowered["generate"] = _named("the sampler", _lower, program)
+        with (sampler_layout or layout).active():  # its arguments made on the mesh, as the rollout worker does
+            sampler, program = _generate_program(cfg, mc, model, sampler_state, sampler_layout or layout, s)
+        lowered["generate"] = _named("the sampler", _lower, program, sampler_layout or layout)
         compiled = _named("the sampler", lowered["generate"].compile)
         cache[sample_key] = ProgramMemory.of(compiled), sampler, compiled.output_shardings
     generate, sampler, generated = cache[sample_key]

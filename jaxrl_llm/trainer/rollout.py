@@ -110,7 +110,8 @@ class RolloutWorker:
         self.key, sub = jax.random.split(self.key)
         # global arrays from the rows this process read (each device takes its own rows)
         ids, mask = (jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index]) for x in (ids, mask))
-        ro = self.sampler.generate(state, ids, mask, self.params, sub)
+        with self.layout.active():  # traced on the mesh: rows stay split, weights are gathered layer by layer
+            ro = self.sampler.generate(state, ids, mask, self.params, sub)
         if self.layout is not self.train_layout:  # back to the trainer's devices
             ro = self.train_layout.place_rows(ro, route_axis)
         return dict(ro=ro, rows=rows, owned=owned, positions=positions, tokens=host(ro.tokens),
