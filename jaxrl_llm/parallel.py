@@ -188,6 +188,15 @@ def constrain_state(state):
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def active_row_ways() -> int:
+    """Into how many blocks the mesh set with ``jax.set_mesh`` splits rows (the ``batch`` rule's axes; 1 without
+    a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    return math.prod(mesh.shape[a] for a in _row_axes(mesh, _ACTIVE_RULES.get()))
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where a run's arrays live: a mesh and the logical-axis rules that place every array on it (parameters by

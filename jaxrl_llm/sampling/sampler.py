@@ -23,6 +23,7 @@ from jaxrl_llm.compile_options import compiler_options
 from jaxrl_llm.distributed import host
 from jaxrl_llm.losses import entropy_from_logits
 from jaxrl_llm.models import Decoder, init_cache, left_pad_positions
+from jaxrl_llm.parallel import active_row_ways
 from jaxrl_llm.sampling.decode import RowLimits, decode_loop, initial_state, token_logprob
 from jaxrl_llm.sampling.filters import SamplingParams
 
@@ -64,9 +65,14 @@ def decode_step(model: Decoder, cache, tokens, positions):
     return model.logits(out.hidden)[:, 0], out.cache, experts
 
 
-def _batch_shards(prompt_ids: jax.Array) -> int:
-    """Into how many equal blocks of rows the prompts' sharding splits the batch (1 when it is not split)."""
+def _batch_shards(prompt_ids: jax.Array, n: int) -> int:
+    """Into how many equal blocks of rows the decode batch is split: the mesh's row ways when tracing on a mesh
+    that divides the ``b * n`` rows (few prompts may not divide, their samples do), else the prompts' sharding's
+    (1 when it is not split). Compaction then never makes a batch the devices cannot share."""
     b = prompt_ids.shape[0]
+    ways = active_row_ways()
+    if ways > 1 and (b * n) % ways == 0:
+        return ways
     per_shard = prompt_ids.sharding.shard_shape(prompt_ids.shape)[0]
     return b // per_shard if b % per_shard == 0 else 1
 
@@ -229,7 +235,7 @@ class Sampler:
         args = (self.graphdef, state, prompt_ids, prompt_mask, key, jnp.repeat(row_stop, n, axis=0),
                 jnp.repeat(row_max, n))
         options = dict(params=params, cache_dtype=self.cache_dtype, compute_dtype=self.compute_dtype,
-                       compact_rows=self.compact_rows, shards=_batch_shards(prompt_ids))
+                       compact_rows=self.compact_rows, shards=_batch_shards(prompt_ids, params.n))
         return args, options
 
     def generate(self, state, prompt_ids, prompt_mask, params: SamplingParams, key, *, stop_tokens=None,
