@@ -323,7 +323,9 @@ def test_compacted_decoding_equals_the_full_batch():
     sharded_model = _model(moe=True, scale=3.0)
     shard_model(sharded_model, mesh)
     batch = NamedSharding(mesh, P("data"))
-    assert _batch_shards(jax.device_put(ids, batch)) == 2 and _batch_shards(ids) == 1
+    assert _batch_shards(jax.device_put(ids, batch), 1) == 2 and _batch_shards(ids, 1) == 1
+    with jax.set_mesh(make_mesh({"fsdp": 8})):  # traced on a mesh: its row split, when the samples divide over it
+        assert _batch_shards(ids[:4], 2) == 8 and _batch_shards(ids[:3], 2) == 1
     runs = [compact.generate(state, ids, mask, params, jax.random.key(3)),
             Sampler(sharded_model).generate(nnx.split(sharded_model)[1], jax.device_put(ids, batch),
                                                             jax.device_put(mask, batch), params, jax.random.key(3))]
