@@ -2,8 +2,8 @@
 
 Dense policy: a bfloat16 sampler with the float32 trainer, trained with no correction, with token-level truncated
 IS (C = 2) and with token-level masked IS (band [0.5, 2]); the ``exact`` consistency mode (old log-probs a
-bitwise replay of the sampler's, the update's own log-probs within a few ulps of them) is the control. MoE policy (same recipe, 4 experts, top-2): a bfloat16 sampler whose
-routing the trainer either recomputes (no replay) or replays. Same SFT checkpoint, seed and budget per group.
+bitwise replay of the sampler's, the update's own log-probs within a few ulps of them) is the control. MoE
+policy (same recipe, 4 experts, top-2): a bfloat16 sampler whose routing the trainer either recomputes (no replay) or replays. Same SFT checkpoint, seed and budget per group.
 Writes plots to docs/img/ and tables to docs/experiments.md.
 
     python experiments/consistency.py [--seed 0] [--run-root runs/exp_consistency] [--skip-moe]
@@ -73,7 +73,8 @@ def _group(setup: Setup, variants: dict, title: str, img_name: str, extra_keys=(
         rows = runs[name]
         result, seconds = results[name]
         lines.append(f"| {name} | `{' '.join(overrides)}` | {mean_of(rows, 'train_sampler_kl'):.2e} "
-                     f"| {mean_of(rows, 'train_sampler_abs_max'):.2e} | {result['pass@1']:.3f} | {result['pass@16']:.3f} "
+                     f"| {mean_of(rows, 'train_sampler_abs_max'):.2e} | {result['pass@1']:.3f} "
+                     f"| {result['pass@16']:.3f} "
                      f"| {_weights(rows)} | {_affected(rows)} | {mean_of(rows, 'reward_mean', last=5):.3f} "
                      f"| {seconds:.0f} |")
     if extra_keys:

@@ -281,3 +281,17 @@ def test_scoring_passes_run_in_micro_batches(tiny_model_dir, tmp_path, monkeypat
     assert rows_seen == [4] * 8  # 16 rows: 4 micro-batches of old log-probs, then 4 of reference log-probs
     np.testing.assert_allclose(np.asarray(scores.old_logp), np.asarray(whole), atol=2e-6)
     np.testing.assert_allclose(np.asarray(scores.ref_logp), np.asarray(whole), atol=2e-6)
+
+
+@pytest.mark.parametrize("mesh", ["mesh.data=1", "mesh.data=2 mesh.fsdp=2 mesh.tensor=2"])
+def test_exact_mode_replays_the_sampler_bit_for_bit_and_reports_the_update_gap(tiny_model_dir, tmp_path, mesh):
+    # exact mode's old log-probs replay the sampler's computation: bitwise equal, on one device and on a mesh;
+    # the update's differentiated log-probs are not bitwise equal (a few float32 ulps), and train_sampler_* says so
+    cfg = _cfg(tiny_model_dir, tmp_path, "grpo", "train.steps=1", "checkpoint.export_hf=false",
+               "rollout.consistency=exact", *mesh.split())
+    devices = jax.devices()[:1] if mesh == "mesh.data=1" else jax.devices()
+    with RLTrainer(cfg, devices=devices) as trainer:
+        trainer.train()
+    row = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))[-1]
+    assert row["replay_sampler_abs_max"] == 0.0
+    assert 0.0 <= row["train_sampler_abs_max"] < 1e-5

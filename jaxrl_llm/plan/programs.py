@@ -239,8 +239,8 @@ def compile_plan(cfg, mc, sizes: dict[str, int], *, devices=None, cache: dict | 
     state = nnx.merge_state(params, rest)
     sampler_state = _replicated_on(sampler_layout, state) if k else state
     m, r = cfg.model, cfg.rollout
-    base = (mc, mesh_text(sizes), k, m.dtype, m.param_dtype, resolve_remat(m.remat, r.max_new_tokens), s.prompt, s.response, r.n,
-            cfg.train.prompts_per_step, str(sorted(cfg.mesh.rules.items())))
+    base = (mc, mesh_text(sizes), k, m.dtype, m.param_dtype, resolve_remat(m.remat, r.max_new_tokens), s.prompt,
+            s.response, r.n, cfg.train.prompts_per_step, str(sorted(cfg.mesh.rules.items())))
     update_key = ("update", base, s.micro, s.num_micro, dataclasses.astuple(cfg.algorithm))
     if update_key not in cache:  # traced under the trainer's layout, as the trainer does (parallel.constrain_rows)
         program = _update_program(cfg, mc, layout, graphdef, params, rest, opt_state, optimizer, s)
