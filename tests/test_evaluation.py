@@ -13,7 +13,7 @@ from jaxrl_llm import paths
 from jaxrl_llm.config import ConfigError, load_config
 from jaxrl_llm.data import PromptEncoder, PromptRows, ListSource
 from jaxrl_llm.models import load_hf
-from jaxrl_llm.parallel import make_mesh
+from jaxrl_llm.parallel import Layout, make_mesh
 from jaxrl_llm.rewards import get_reward, register_reward
 from jaxrl_llm.sampling import Sampler, SamplingParams
 from jaxrl_llm.tokenizer import load_tokenizer
@@ -48,7 +48,8 @@ def test_eval_metrics_match_an_independent_count(tiny_model_dir):
     from flax import nnx
 
     evaluator = Evaluator(rows, encoder, sampler=Sampler(model), sampling=sampling,
-                          reward_fns=[("even_length_for_test", get_reward("even_length_for_test"), 1.0)], mesh=mesh,
+                          reward_fns=[("even_length_for_test", get_reward("even_length_for_test"), 1.0)],
+                          layout=Layout(mesh),
                           tokenizer=tok, every=2, at_start=False, last_step=5, batch_prompts=4, max_prompts=None,
                           seed=0, reward_timeout=10.0)
     assert [s for s in range(6) if evaluator.due(s)] == [2, 4, 5]

@@ -20,12 +20,11 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxrl_llm.data import PromptEncoder, prepare_prompts
 from jaxrl_llm.distributed import gather_blocks, host, owned_rows, rows_on_this_process
 from jaxrl_llm.metrics import mean_pass_at_k
-from jaxrl_llm.parallel import batch_sharding
+from jaxrl_llm.parallel import Layout
 from jaxrl_llm.rewards import compute_rewards
 
 __all__ = ["Evaluator", "eval_ks"]
@@ -35,26 +34,21 @@ def eval_ks(n: int) -> list[int]:
     return sorted({1, n} | {k for k in (2, 4, 8, 16) if k <= n})
 
 
-def _rows_sharding(mesh, rows: int) -> NamedSharding:
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    return batch_sharding(mesh, ndim=1) if rows % ways == 0 else NamedSharding(mesh, P())
-
-
 class Evaluator:
     """Held-out evaluation of a policy. ``rows``: random-access prompt rows; ``encoder`` renders them."""
 
-    def __init__(self, rows, encoder: PromptEncoder, *, sampler, sampling, reward_fns, mesh, tokenizer,
+    def __init__(self, rows, encoder: PromptEncoder, *, sampler, sampling, reward_fns, layout: Layout, tokenizer,
                  every: int, at_start: bool, last_step: int, batch_prompts: int, max_prompts: int | None,
                  seed: int, reward_timeout: float):
         self.rows, self.encoder, self.sampler, self.sampling = rows, encoder, sampler, sampling
-        self.reward_fns, self.mesh, self.tokenizer = reward_fns, mesh, tokenizer
+        self.reward_fns, self.layout, self.tokenizer = reward_fns, layout, tokenizer
         self.every, self.at_start, self.last_step = every, at_start, last_step
         self.batch_prompts = batch_prompts
         self.count = len(rows) if max_prompts is None else min(max_prompts, len(rows))
         self.seed, self.reward_timeout = seed, reward_timeout
 
     @classmethod
-    def for_run(cls, cfg, *, tokenizer, sampler, sampling, reward_fns, mesh, holdout=None,
+    def for_run(cls, cfg, *, tokenizer, sampler, sampling, reward_fns, layout: Layout, holdout=None,
                 encoder: PromptEncoder | None = None) -> "Evaluator | None":
         """The evaluator a run config asks for (None without evaluation): ``eval.data`` is read and validated
         here; ``eval.split`` rows come as ``holdout`` with the training data's ``encoder``."""
@@ -70,7 +64,7 @@ class Evaluator:
             holdout, encoder, _ = prepare_prompts(e.data, tokenizer, key="eval.data", split="eval")
         params = dataclasses.replace(sampling, n=e.n, temperature=e.temperature or sampling.temperature,
                                      max_new_tokens=e.max_new_tokens or sampling.max_new_tokens)
-        return cls(holdout, encoder, sampler=sampler, sampling=params, reward_fns=reward_fns, mesh=mesh,
+        return cls(holdout, encoder, sampler=sampler, sampling=params, reward_fns=reward_fns, layout=layout,
                    tokenizer=tokenizer, every=e.every, at_start=e.at_start, last_step=cfg.train.steps,
                    batch_prompts=e.batch_prompts, max_prompts=e.max_prompts, seed=e.seed,
                    reward_timeout=cfg.reward.timeout)
@@ -112,7 +106,7 @@ class Evaluator:
     def _batch(self, state, start: int, key) -> dict:
         """Sample and score prompts ``start ... start + batch_prompts - 1`` (indices past the end repeat the last)."""
         b, n = self.batch_prompts, self.sampling.n
-        sharding = _rows_sharding(self.mesh, b)
+        sharding = self.layout.rows(b)  # prompts split over the data-parallel devices when they divide
         owned = owned_rows(b * n)
         positions = np.union1d(rows_on_this_process(sharding, b), owned // n)
         rows = {int(i): self.rows[min(start + int(i), self.count - 1)] for i in positions}
@@ -121,7 +115,8 @@ class Evaluator:
         mask = np.zeros((b,) + local_mask.shape[1:], bool)
         ids[positions], mask[positions] = local_ids, local_mask
         ids, mask = (jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index]) for x in (ids, mask))
-        ro = self.sampler.generate(state, ids, mask, self.sampling, key)
+        with self.layout.active():  # traced on the mesh, as the rollout worker samples
+            ro = self.sampler.generate(state, ids, mask, self.sampling, key)
         tokens, lengths = host(ro.tokens), host(ro.lengths)
         texts = self.tokenizer.batch_decode([tokens[r, :lengths[r]] for r in owned], skip_special_tokens=True)
         mine = [rows[int(r) // n] for r in owned]

@@ -127,7 +127,7 @@ class RLTrainer:
                                first_errors=self.checks.rewards.first_errors)
         with blame("eval.data.path", cfg.eval.data.path, (OSError, ValueError, TypeError)):
             self.evaluator = Evaluator.for_run(cfg, tokenizer=self.tokenizer, sampler=sampler, sampling=sampling,
-                                               reward_fns=reward_fns, mesh=self.layout.mesh,
+                                               reward_fns=reward_fns, layout=self.layout,
                                                holdout=self.prompts.holdout, encoder=self.prompts.encoder)
         self.rollouts = RolloutEngine(worker, asynchronous=cfg.rollout.async_rollout, sampler_layout=sampler_layout)
         self.step = 0
