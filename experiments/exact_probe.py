@@ -38,10 +38,10 @@ def run(moe, dtype, kernel, n=4, new=12):
     def sampler_side(state, tokens):
         m = nnx.merge(graphdef, state)
         b = ids.shape[0]
-        cache = init_cache(m.cfg, b, p + new, m.dtype)
+        cache = init_cache(m.cfg, b, p, m.dtype)  # as the sampler's prefill: the prompts' slots, then the rest
         out = m(ids, left_pad_positions(mask), attention_mask=mask, cache=cache)
         h0 = jnp.repeat(out.hidden[:, -1], n, axis=0)
-        cache = out.cache.map_batch(functools.partial(jnp.repeat, repeats=n, axis=0))
+        cache = out.cache.map_batch(functools.partial(jnp.repeat, repeats=n, axis=0)).with_slots(p + new)
         hs = [h0]
         for t in range(new - 1):
             o = m(tokens[:, t:t+1], (plen + t)[:, None], cache=cache)
