@@ -1,29 +1,30 @@
 """Shared machinery of the experiments on the main-job task.
 
-One SFT checkpoint per (seed, architecture) from the experiments' recipe (``configs/main.yaml`` with ``RECIPE``),
-then RL variants from it with the main job's GRPO settings plus the variant's config overrides, a held-out
+One SFT checkpoint per (seed, architecture) from ``configs/main.yaml`` (with ``LEGACY_RECIPE`` for the older tables),
+then RL variants from it with the main job's RL settings plus the variant's config overrides, a held-out
 evaluation of every variant, plots, and a markdown section in ``docs/experiments.md``. Finished runs are reused when a script is run
 again (delete the run directory to redo one).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 
 import numpy as np
 
-from jaxrl_llm.pipeline import load_pipeline_config, rl_overrides, run_sft_stage
+from jaxrl_llm.pipeline import load_pipeline_config, rl_difficulties, rl_overrides, run_sft_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
 DOC = os.path.join(ROOT, "docs", "experiments.md")
 
 
-# The recipe the documented tables were measured with: the main job's configs/main.yaml as it was then (fewer
-# slips, a shorter SFT, RL on every difficulty with a fixed overlong window), kept so the commands reproduce them.
-RECIPE = ("sft.slip_rate=0.2", "sft.steps=400")
-RL_RECIPE = ("algorithm.overlong_cache=16",)
+# The recipe the consistency tables were measured with: the main job's configs/main.yaml as it was then (fewer
+# slips, a shorter SFT, RL on every difficulty with a fixed overlong window), kept so their command reproduces them.
+LEGACY_RECIPE = ("sft.slip_rate=0.2", "sft.steps=400")
+LEGACY_RL_RECIPE = ("algorithm.overlong_cache=16",)
 
 
 def say(msg: str) -> None:
@@ -31,23 +32,39 @@ def say(msg: str) -> None:
 
 
 class Setup:
-    """The main job's task, tokenizer, SFT policy and evaluation problems for one seed."""
+    """The main job's task, tokenizer, SFT policy and evaluation problems for one seed.
 
-    def __init__(self, run_root: str, seed: int = 0, model_overrides: tuple[str, ...] = (), sft_dir: str | None = None):
+    ``legacy=False`` runs the main job's own recipe: the SFT stage of ``configs/main.yaml``, RL on the difficulties
+    the pipeline picks from the SFT evaluation, the RL stage's overrides; a variant with no overrides of its own is
+    then the main job's RL stage. ``legacy=True`` is the older recipe of the consistency tables (RL on every
+    evaluated difficulty)."""
+
+    def __init__(self, run_root: str, seed: int = 0, model_overrides: tuple[str, ...] = (), sft_dir: str | None = None,
+                 legacy: bool = True):
         from jaxrl_llm.tasks import ArithTask
         from jaxrl_llm.tokenizer import build_char_tokenizer
 
+        recipe = LEGACY_RECIPE if legacy else ()
+        self.rl_recipe = LEGACY_RL_RECIPE if legacy else ()
+        self.legacy = legacy
         self.cfg = load_pipeline_config(os.path.join(CONFIGS, "main.yaml"),
-                                        [f"seed={seed}", f"run_dir={run_root}", *RECIPE, *model_overrides])
+                                        [f"seed={seed}", f"run_dir={run_root}", *recipe, *model_overrides])
         self.run_root = run_root
         os.makedirs(run_root, exist_ok=True)
         self.task = ArithTask(1, max(self.cfg.eval.difficulties + self.cfg.sft.difficulties),
-                              self.cfg.task.num_literals, self.cfg.task.operands)
+                              **dataclasses.asdict(self.cfg.task))
         self.tok = build_char_tokenizer()
         self.sft_dir = sft_dir or os.path.join(run_root, "sft")
-        self.difficulties = list(self.cfg.eval.difficulties)  # RL on all of them (the recipe's edge band then)
+        self.eval_difficulties = list(self.cfg.eval.difficulties)
         self.problems = {d: self.task.split("eval", self.cfg.eval.problems, seed=seed, difficulties=(d,))
-                         for d in self.difficulties}
+                         for d in self.eval_difficulties}
+
+    @property
+    def difficulties(self) -> list[int]:
+        """The difficulties RL trains on."""
+        if self.legacy:
+            return self.eval_difficulties
+        return rl_difficulties(self.cfg, self.evaluate_sft_table())
 
     def ensure_sft(self) -> None:
         if os.path.exists(os.path.join(self.sft_dir, "config.json")):
@@ -58,29 +75,38 @@ class Setup:
         _, losses = run_sft_stage(self.cfg, self.task, self.tok, self.sft_dir, None)
         say(f"SFT loss {losses[0]:.3f} -> {losses[-1]:.3f} in {time.perf_counter() - t0:.0f} s")
 
-    def evaluate(self, model) -> dict:
-        """Mean held-out pass@1 and pass@16 over the RL difficulties."""
+    def evaluate_table(self, model) -> dict[int, dict[str, float]]:
+        """Held-out ``{difficulty: {"pass@k": ...}}`` exactly as the main job evaluates."""
         from jaxrl_llm.evaluate import evaluate_pass_at_k
 
         c = self.cfg
-        table = evaluate_pass_at_k(model, self.tok, self.problems, n=c.eval.n, temperature=c.eval.temperature,
-                                   max_new_tokens=c.max_new_tokens, prompt_len=c.prompt_len, seed=c.seed)
-        return {k: float(np.mean([table[d][k] for d in self.difficulties])) for k in ("pass@1", "pass@16")}
+        return evaluate_pass_at_k(model, self.tok, self.problems, n=c.eval.n, temperature=c.eval.temperature,
+                                  max_new_tokens=c.max_new_tokens, prompt_len=c.prompt_len, seed=c.seed)
 
-    def evaluate_sft(self) -> dict:
-        path = os.path.join(self.run_root, "eval_sft.json")
+    def summary(self, table: dict) -> dict:
+        """Mean held-out pass@1 and pass@16 over the evaluated difficulties."""
+        return {k: float(np.mean([table[d][k] for d in self.eval_difficulties])) for k in ("pass@1", "pass@16")}
+
+    def evaluate(self, model) -> dict:
+        return self.summary(self.evaluate_table(model))
+
+    def evaluate_sft_table(self) -> dict[int, dict[str, float]]:
+        path = os.path.join(self.run_root, "eval_sft_table.json")
         if os.path.exists(path):
-            return json.load(open(path))
+            return {int(d): r for d, r in json.load(open(path)).items()}
         from jaxrl_llm.models import load_hf
 
         model, _ = load_hf(self.sft_dir)
-        result = self.evaluate(model)
-        json.dump(result, open(path, "w"))
-        return result
+        table = self.evaluate_table(model)
+        json.dump(table, open(path, "w"), indent=1)
+        return table
+
+    def evaluate_sft(self) -> dict:
+        return self.summary(self.evaluate_sft_table())
 
     def run_variant(self, name: str, overrides: list[str]) -> tuple[list[dict], dict, float]:
         """RL from the SFT checkpoint with the main job's settings + ``overrides``; returns (metric rows,
-        held-out result, wall seconds)."""
+        held-out per-difficulty table, wall seconds)."""
         from jaxrl_llm.config import load_config
         from jaxrl_llm.tracking import read_jsonl
         from jaxrl_llm.trainer.rl import train
@@ -89,18 +115,20 @@ class Setup:
         done = os.path.join(out, "result.json")
         if os.path.exists(done):
             saved = json.load(open(done))
-            return read_jsonl(os.path.join(out, "metrics.jsonl")), saved["eval"], saved["seconds"]
+            table = {int(d): r for d, r in saved["table"].items()}
+            return read_jsonl(os.path.join(out, "metrics.jsonl")), table, saved["seconds"]
         base = rl_overrides(self.cfg, self.task, self.tok, self.sft_dir, out, self.difficulties)
         cfg = load_config(os.path.join(CONFIGS, f"{self.cfg.rl.preset}.yaml"),
-                          [*base, *RL_RECIPE, "checkpoint.export_hf=false", "log.progress=false", *overrides])
+                          [*base, *self.rl_recipe, "checkpoint.export_hf=false", "log.progress=false", *overrides])
         say(f"{name}: {' '.join(overrides) or '(main-job GRPO)'}")
         t0 = time.perf_counter()
         _, model = train(cfg, return_model=True)
         seconds = time.perf_counter() - t0
-        result = self.evaluate(model)
+        table = self.evaluate_table(model)
+        result = self.summary(table)
         say(f"{name}: pass@1 {result['pass@1']:.3f}, pass@16 {result['pass@16']:.3f} ({seconds:.0f} s)")
-        json.dump({"eval": result, "seconds": seconds, "overrides": overrides}, open(done, "w"))
-        return read_jsonl(os.path.join(out, "metrics.jsonl")), result, seconds
+        json.dump({"table": table, "seconds": seconds, "overrides": overrides}, open(done, "w"), indent=1)
+        return read_jsonl(os.path.join(out, "metrics.jsonl")), table, seconds
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:

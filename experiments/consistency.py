@@ -58,8 +58,8 @@ def _group(setup: Setup, variants: dict, title: str, img_name: str, extra_keys=(
     sft = setup.evaluate_sft()
     runs, results = {}, {}
     for name, overrides in variants.items():
-        rows, result, seconds = setup.run_variant(_slug(name), overrides)
-        runs[name], results[name] = rows, (result, seconds)
+        rows, table, seconds = setup.run_variant(_slug(name), overrides)
+        runs[name], results[name] = rows, (setup.summary(table), seconds)
     img = os.path.join(ROOT, "docs", "img", img_name)
     plot_grid(runs, KEYS + list(extra_keys), img, title)
     lines = [

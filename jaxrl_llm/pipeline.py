@@ -28,7 +28,7 @@ from jaxrl_llm.config import ConfigError
 STAGES = ("sft", "eval_sft", "rl", "eval_rl")
 
 __all__ = ["PipelineConfig", "run_pipeline", "load_pipeline_config", "policy_config", "run_sft_stage",
-           "rl_overrides"]
+           "rl_overrides", "rl_difficulties"]
 
 
 @dataclass
@@ -201,8 +201,13 @@ def _longest(task, tok, difficulties) -> tuple[int, int]:
     return prompt, target
 
 
-def _edge(table: dict, low: float, high: float) -> list[int]:
-    return [d for d, r in sorted(table.items()) if low < r["pass@1"] < high]
+def rl_difficulties(cfg: PipelineConfig, sft_table: dict) -> list[int]:
+    """The difficulties RL trains on: ``rl.difficulties``, else the SFT policy's edge of competence (pass@1 strictly
+    inside ``(edge_low, edge_high)``), else the difficulty closest to pass@1 = 0.5."""
+    if cfg.rl.difficulties:
+        return list(cfg.rl.difficulties)
+    edge = [d for d, r in sorted(sft_table.items()) if cfg.rl.edge_low < r["pass@1"] < cfg.rl.edge_high]
+    return edge or [min(sft_table, key=lambda d: abs(sft_table[d]["pass@1"] - 0.5))]
 
 
 def policy_config(cfg: PipelineConfig, tok):
@@ -327,9 +332,7 @@ def run_pipeline(cfg: PipelineConfig, configs_dir: str) -> str:
     _say("2/5 evaluating the SFT policy on held-out problems")
     before = _eval_stage(log, "eval_sft", cfg, lambda: model if model is not None else load_hf(sft_dir)[0], tok,
                          eval_problems, run_dir)
-    difficulties = list(cfg.rl.difficulties) or _edge(before, cfg.rl.edge_low, cfg.rl.edge_high)
-    if not difficulties:  # nothing in the band: take the difficulty closest to pass@1 = 0.5
-        difficulties = [min(before, key=lambda d: abs(before[d]["pass@1"] - 0.5))]
+    difficulties = rl_difficulties(cfg, before)
     _say(f"3/5 RL ({cfg.rl.preset}) on the edge of competence: difficulties {difficulties}")
     overrides = rl_overrides(cfg, task, tok, sft_dir, rl_dir, difficulties)
     decision = log.decide("rl", [overrides, cfg.rl.preset])
