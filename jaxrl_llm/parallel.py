@@ -34,7 +34,8 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 __all__ = ["MESH_AXES", "DEFAULT_RULES", "Layout", "make_mesh", "logical_to_pspec", "state_shardings",
-           "model_shardings", "shard_model", "batch_sharding", "constrain_rows", "merge_rules"]
+           "model_shardings", "shard_model", "batch_sharding", "constrain_rows", "constrain_unembedding",
+           "merge_rules"]
 
 # the rules of the layout being traced (Layout.active), read by constrain_rows inside model code
 _ACTIVE_RULES: contextvars.ContextVar[Mapping[str, object]] = contextvars.ContextVar("rules", default=DEFAULT_RULES)
@@ -154,20 +155,33 @@ def _row_axes(mesh, rules: Mapping[str, object]) -> tuple[str, ...]:
     return tuple(a for a in targets if a in mesh.axis_names and mesh.shape[a] > 1)
 
 
-def constrain_rows(x: jax.Array) -> jax.Array:
+def constrain_rows(x: jax.Array, *, only_rows: bool = False) -> jax.Array:
     """Keep the leading (row) axis of an activation split over the mesh axes of the ``batch`` rule, on the mesh set
     with ``jax.set_mesh`` (:meth:`Layout.active`; a no-op without one, or when the rows do not divide).
 
     Without it XLA may resolve the clash between rows split over ``fsdp`` and weights split over ``fsdp`` (their
     ``embed`` dimension) by gathering the activations instead of the weights: every device then computes the whole
-    batch, and the [rows, time, vocab] logits of the log-prob kernel are held unsplit."""
+    batch, and the [rows, time, vocab] logits of the log-prob kernel are held unsplit. The other axes are
+    replicated, or (``only_rows``) left to the partitioner (e.g. logits split over ``vocab``)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
     axes = _row_axes(mesh, _ACTIVE_RULES.get())
     if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
         return x
-    return jax.lax.with_sharding_constraint(x, P(axes))
+    rest = (P.UNCONSTRAINED,) * (x.ndim - 1) if only_rows else ()
+    return jax.lax.with_sharding_constraint(x, P(axes, *rest))
+
+
+def constrain_unembedding(w: jax.Array) -> jax.Array:
+    """The ``[embed, vocab]`` unembedding gathered over its ``embed`` axis (still split over ``vocab``) under the
+    mesh set with ``jax.set_mesh`` (a no-op without one): the log-prob kernel multiplies each device's own rows
+    by it, as FSDP gathers a layer's weights, instead of gathering the rows."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return w
+    spec = _spec_fits(w.shape, logical_to_pspec((None, "vocab"), _ACTIVE_RULES.get(), mesh), mesh)
+    return jax.lax.with_sharding_constraint(w, spec)
 
 
 def constrain_state(state):

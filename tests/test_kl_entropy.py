@@ -72,13 +72,14 @@ def test_chunked_kernel_matches_reference(chunk, temperature):
     np.testing.assert_allclose(np.asarray(L.logprobs_from_logits(h @ w, t, temperature)), ref_logp, atol=1e-5)
 
 
-def test_chunked_kernel_gradient_matches_naive():
+@pytest.mark.parametrize("row_blocks", [1, 2, 3])  # 3 does not divide the rows: one block
+def test_chunked_kernel_gradient_matches_naive(row_blocks):
     k = jax.random.split(jax.random.key(1), 5)
-    h = jax.random.normal(k[0], (2, 9, 16))
+    h = jax.random.normal(k[0], (4, 9, 16))
     w = jax.random.normal(k[1], (16, 40)) * 0.5
-    t = jax.random.randint(k[2], (2, 9), 0, 40)
-    a = jax.random.normal(k[3], (2, 9))
-    b = jax.random.normal(k[4], (2, 9))
+    t = jax.random.randint(k[2], (4, 9), 0, 40)
+    a = jax.random.normal(k[3], (4, 9))
+    b = jax.random.normal(k[4], (4, 9))
 
     def naive(h, w):
         z = jnp.einsum("btd,dv->btv", h, w, precision="highest") / 0.8
@@ -91,7 +92,8 @@ def test_chunked_kernel_gradient_matches_naive():
             return jnp.sum(a * logp) + jnp.sum(b * ent)
         return f
 
-    chunked = lambda h, w: L.token_logprobs_and_entropy(h, w, t, chunk=4, temperature=0.8)  # noqa: E731
+    def chunked(h, w):
+        return L.token_logprobs_and_entropy(h, w, t, chunk=4, temperature=0.8, row_blocks=row_blocks)
     g1 = jax.grad(objective(chunked), argnums=(0, 1))(h, w)
     g2 = jax.grad(objective(naive), argnums=(0, 1))(h, w)
     for x, y in zip(g1, g2):

@@ -79,3 +79,48 @@ def test_kl_value_and_chunked_kernel_sharded(mesh):
     np.testing.assert_allclose(float(b[0]), float(a[0]), rtol=1e-6)
     for x, y in zip(a[1], b[1]):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_kernel_computes_only_its_own_rows_logits_on_an_fsdp_mesh():
+    """Rows split over ``fsdp`` meet an unembedding split over ``fsdp`` (its hidden dimension). Left to itself, the
+    partitioner gathers the rows (here after a replicated index, as response packing makes one) and every device
+    computes the whole batch's logits: compiled temporaries then exceed one chunk of the whole batch's logits.
+    With the row blocks placed, each device holds its own rows' chunk only; values and gradients unchanged."""
+    import functools
+
+    from jaxrl_llm import parallel
+
+    b, t, d, v, chunk = 8, 512, 256, 16384, 256
+    layout = parallel.Layout(parallel.make_mesh({"fsdp": 8}))
+    k = jax.random.split(jax.random.key(3), 3)
+    h = jax.random.normal(k[0], (b, t, d))
+    w = jax.random.normal(k[1], (d, v)) * 0.1
+    toks = jax.random.randint(k[2], (b, t), 0, v)
+
+    def objective(placed):
+        def f(h, w, toks):
+            h = parallel.constrain_rows(h)[jnp.arange(b)[::-1]]
+            kw = {}
+            if placed:
+                kw = dict(row_blocks=parallel.active_row_ways(),
+                          place_rows=functools.partial(parallel.constrain_rows, only_rows=True))
+                w = parallel.constrain_unembedding(w)
+            lp, ent = L.token_logprobs_and_entropy(h, w, toks, chunk=chunk, **kw)
+            return jnp.sum(lp) + 0.1 * jnp.sum(ent)
+        # the gradient alone: returning the value too happens to steer this small case's partitioning right
+        return jax.jit(jax.grad(f, argnums=(0, 1)))
+
+    whole_chunk_logits = b * chunk * v * 4
+    temps, values = {}, {}
+    with layout.active():
+        args = (jax.device_put(h, layout.rows()), jax.device_put(w, NamedSharding(layout.mesh, P("fsdp"))),
+                jax.device_put(toks, layout.rows()))
+        for placed in (False, True):
+            fn = objective(placed)
+            temps[placed] = fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+            values[placed] = fn(*args)
+    assert temps[False] > whole_chunk_logits  # the failure this guards against happens
+    assert temps[True] < whole_chunk_logits / 2, (temps, whole_chunk_logits)  # one row: 1/8 of it, plus the weights
+    reference = objective(False)(h, w, toks)  # one device
+    for x, y in zip(values[True], reference):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)

@@ -4,6 +4,8 @@
 time axis, computing ``[batch, chunk, vocab]`` logits at a time, in the forward *and* in the backward pass (a
 custom VJP recomputes each chunk's logits instead of storing them). Peak memory is that of one chunk of logits
 instead of the full tensor (for a 151,936-entry vocabulary and 8,192 tokens the full tensor is 5 GB in fp32).
+On a device mesh the rows are walked in blocks, one per group of devices that holds them, and the unembedding's
+gradient is summed per block until the end, so no device computes or holds another block's logits.
 """
 from __future__ import annotations
 
@@ -40,9 +42,9 @@ def _check_temperature(temperature) -> None:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
 
 
-def _chunk_stats(h, w, tok, inv_t):
-    """Per-token (logp, entropy, logsumexp, mean logit) for one chunk: h [B, c, D], w [D, V], tok [B, c]."""
-    z = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32) * inv_t
+def _chunk_stats(h, w, tok, inv_t, place=lambda x: x):
+    """Per-token (logp, entropy, logsumexp, mean logit) for one chunk: h [..., c, D], w [D, V], tok [..., c]."""
+    z = place(jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32) * inv_t)
     top = jnp.max(z, axis=-1)
     zs = z - top[..., None]  # shifted logits keep lse - E[z] free of cancellation
     lse_s = jnp.log(jnp.sum(jnp.exp(zs), axis=-1))
@@ -52,69 +54,88 @@ def _chunk_stats(h, w, tok, inv_t):
     return z_tok - lse_s, lse_s - ez_s, lse_s + top, ez_s + top
 
 
-def _to_chunks(x, chunk, n):
-    """[B, T, ...] -> [n, B, chunk, ...] (T already padded to n * chunk)."""
+def _to_chunks(x, chunk, n, blocks):
+    """[B, T, ...] -> [n, blocks, B / blocks, chunk, ...], or [n, B, chunk, ...] for one block (T = n * chunk).
+
+    One block keeps the plain layout so that a single device runs the same contractions as without blocks."""
     b = x.shape[0]
-    x = x.reshape((b, n, chunk) + x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
+    if blocks == 1:
+        return jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
+    x = x.reshape((blocks, b // blocks, n, chunk) + x.shape[2:])
+    return jnp.moveaxis(x, 2, 0)
 
 
-def _from_chunks(x):
-    """[n, B, chunk, ...] -> [B, n * chunk, ...]."""
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])
+def _from_chunks(x, blocks):
+    """The inverse of ``_to_chunks``: -> [B, n * chunk, ...]."""
+    if blocks == 1:
+        x = jnp.moveaxis(x, 0, 1)
+        return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])
+    x = jnp.moveaxis(x, 0, 2)
+    return x.reshape((x.shape[0] * x.shape[1], x.shape[2] * x.shape[3]) + x.shape[4:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked(hidden, unembed, tokens, chunk, inv_t):
-    logp, ent, _, _ = _chunked_fwd_impl(hidden, unembed, tokens, chunk, inv_t)
+def _unplaced(x):
+    return x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _chunked(hidden, unembed, tokens, chunk, inv_t, blocks, place):
+    logp, ent, _, _ = _chunked_fwd_impl(hidden, unembed, tokens, chunk, inv_t, blocks, place)
     return logp, ent
 
 
-def _chunked_fwd_impl(hidden, unembed, tokens, chunk, inv_t):
+def _chunked_fwd_impl(hidden, unembed, tokens, chunk, inv_t, blocks, place):
     n = hidden.shape[1] // chunk
 
     def body(_, xs):
         h, tok = xs
-        return None, _chunk_stats(h, unembed, tok, inv_t)
+        return None, tuple(place(o) for o in _chunk_stats(place(h), unembed, tok, inv_t, place))
 
-    _, out = jax.lax.scan(body, None, (_to_chunks(hidden, chunk, n), _to_chunks(tokens, chunk, n)))
-    return tuple(_from_chunks(o) for o in out)
+    xs = (_to_chunks(hidden, chunk, n, blocks), _to_chunks(tokens, chunk, n, blocks))
+    _, out = jax.lax.scan(body, None, xs)
+    return tuple(_from_chunks(o, blocks) for o in out)
 
 
-def _chunked_fwd(hidden, unembed, tokens, chunk, inv_t):
-    logp, ent, lse, ez = _chunked_fwd_impl(hidden, unembed, tokens, chunk, inv_t)
+def _chunked_fwd(hidden, unembed, tokens, chunk, inv_t, blocks, place):
+    logp, ent, lse, ez = _chunked_fwd_impl(hidden, unembed, tokens, chunk, inv_t, blocks, place)
     return (logp, ent), (hidden, unembed, tokens, lse, ez)
 
 
-def _chunked_bwd(chunk, inv_t, res, cts):
+def _chunked_bwd(chunk, inv_t, blocks, place, res, cts):
     hidden, unembed, tokens, lse, ez = res
     g_logp, g_ent = cts
     n = hidden.shape[1] // chunk
+    w_spec = "bcd,bcv->dv" if blocks == 1 else "sbcd,sbcv->sdv"
     vocab = unembed.shape[1]
 
     def body(g_w, xs):
         h, tok, lse_c, ez_c, gl, ge = xs
-        z = jnp.einsum("bcd,dv->bcv", h, unembed, preferred_element_type=jnp.float32) * inv_t
+        h = place(h)
+        z = place(jnp.einsum("...d,dv->...v", h, unembed, preferred_element_type=jnp.float32) * inv_t)
         p = jnp.exp(z - lse_c[..., None])
         onehot = jax.nn.one_hot(tok, vocab, dtype=jnp.float32)
         # d logp / dz = onehot - p ;  d H / dz = -p (z - E_p[z])
         g_z = gl[..., None] * (onehot - p) - ge[..., None] * p * (z - ez_c[..., None])
-        g_z = g_z * inv_t
-        g_h = jnp.einsum("bcv,dv->bcd", g_z, unembed.astype(jnp.float32)).astype(h.dtype)
-        g_w = g_w + jnp.einsum("bcd,bcv->dv", h.astype(jnp.float32), g_z)
+        g_z = place(g_z * inv_t)
+        g_h = place(jnp.einsum("...v,dv->...d", g_z, unembed.astype(jnp.float32)).astype(h.dtype))
+        # one partial sum per row block, each on the devices of its rows: reduced once after the loop, not per chunk
+        g_w = place(g_w + jnp.einsum(w_spec, h.astype(jnp.float32), g_z))
         return g_w, g_h
 
-    xs = tuple(_to_chunks(x, chunk, n) for x in (hidden, tokens, lse, ez, g_logp, g_ent))
-    g_w, g_h = jax.lax.scan(body, jnp.zeros(unembed.shape, jnp.float32), xs)
-    return _from_chunks(g_h), g_w.astype(unembed.dtype), None
+    xs = tuple(_to_chunks(x, chunk, n, blocks) for x in (hidden, tokens, lse, ez, g_logp, g_ent))
+    if blocks == 1:
+        g_w, g_h = jax.lax.scan(body, jnp.zeros(unembed.shape, jnp.float32), xs)
+        return _from_chunks(g_h, 1), g_w.astype(unembed.dtype), None
+    g_w, g_h = jax.lax.scan(body, place(jnp.zeros((blocks,) + unembed.shape, jnp.float32)), xs)
+    return _from_chunks(g_h, blocks), g_w.sum(axis=0).astype(unembed.dtype), None
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def token_logprobs_and_entropy(hidden: jax.Array, unembed: jax.Array, tokens: jax.Array, *, chunk: int = 512,
-                               temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
+                               temperature: float = 1.0, row_blocks: int = 1,
+                               place_rows=None) -> tuple[jax.Array, jax.Array]:
     """Per-token ``log softmax(hidden @ unembed / temperature)[tokens]`` and entropies, chunked over time.
 
     Args:
@@ -123,6 +144,12 @@ def token_logprobs_and_entropy(hidden: jax.Array, unembed: jax.Array, tokens: ja
       tokens: ``[B, T]`` int token ids whose log-probs are wanted.
       chunk: time steps per chunk; need not divide ``T`` (the tail is padded).
       temperature: divides the logits before the softmax (use the sampling temperature).
+      row_blocks: split the rows into this many blocks (the ways a device mesh splits them; 1 when it does not
+        divide the batch) ...
+      place_rows: ... and keep every per-block array on its block's devices with this function of an array whose
+        leading axis is the block axis (e.g. a sharding constraint). Without it the partitioner may meet rows split
+        over the same mesh axis as the unembedding's hidden dimension by gathering the rows: every device would
+        then compute the logits of the whole batch.
 
     Returns ``(logp [B, T], entropy [B, T])`` in float32. Logits are computed in float32 whatever the input dtype.
     Differentiable in ``hidden`` and ``unembed``; the backward pass also works chunk by chunk.
@@ -143,5 +170,7 @@ def token_logprobs_and_entropy(hidden: jax.Array, unembed: jax.Array, tokens: ja
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         tokens = jnp.pad(tokens, ((0, 0), (0, pad)))
-    logp, ent = _chunked(hidden, unembed, tokens, chunk, 1.0 / float(temperature))
+    blocks = row_blocks if row_blocks > 1 and b % row_blocks == 0 else 1
+    place = place_rows if blocks > 1 and place_rows is not None else _unplaced
+    logp, ent = _chunked(hidden, unembed, tokens, chunk, 1.0 / float(temperature), blocks, place)
     return logp[:, :t], ent[:, :t]
