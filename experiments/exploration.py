@@ -26,7 +26,7 @@ RESET = ["algorithm.cov_penalty=none", "algorithm.entropy_coef=0.0", "algorithm.
          "algorithm.advantage=grpo", "algorithm.bupo_layer=null", "algorithm.bupo_steps=0"]
 
 # Selection fractions and coefficients scaled to this task (docs/features.md, "Exploration on the main job"): an
-# update's minibatch holds about 500 response tokens, so the papers' Clip-/KL-Cov fractions would select no token.
+# update's minibatch holds about 350 response tokens, so the papers' Clip-/KL-Cov fractions would select no token.
 VARIANTS = {
     "grpo": [],
     "clip_cov": ["algorithm.cov_penalty=clip_cov", "algorithm.clip_cov_ratio=0.01"],
@@ -34,10 +34,16 @@ VARIANTS = {
     # the SFT policy's token entropy at the start of RL is about 0.2
     "adaptive_entropy": ["algorithm.entropy_target=0.2"],
     "high_entropy_tokens": ["algorithm.entropy_token_frac=0.2"],
-    # sequence log-probs of these responses are about -2 to -4, so 0.1 moves an advantage by about 0.3
+    # a response's log-prob is about -2.5 at the start of RL, so 0.1 moves its advantage by about 0.25
     "diff_smoothing": ["algorithm.ds_gamma_pos=0.1", "algorithm.ds_gamma_neg=0.1"],
     "passk": ["algorithm.advantage=passk", "algorithm.passk_k=4"],
     "bupo": ["algorithm.bupo_layer=1", "algorithm.bupo_steps=8"],
+    # stronger settings of the remedies that kept most pass@16 at 0.01 / 0.1 / k=4, and a combination
+    "clip_cov_0.05": ["algorithm.cov_penalty=clip_cov", "algorithm.clip_cov_ratio=0.05"],
+    "diff_smoothing_0.3": ["algorithm.ds_gamma_pos=0.3", "algorithm.ds_gamma_neg=0.3"],
+    "passk_k2": ["algorithm.advantage=passk", "algorithm.passk_k=2"],
+    "passk_clip_cov": ["algorithm.advantage=passk", "algorithm.passk_k=4", "algorithm.cov_penalty=clip_cov",
+                       "algorithm.clip_cov_ratio=0.01"],
 }
 KS = (1, 2, 4, 8, 16)
 PASS1_GAIN_GOAL = 0.15  # the main job's goal: pass@1 on the RL difficulties, RL minus SFT
@@ -81,20 +87,24 @@ def meets_goals(s: dict) -> bool:
             and s["worst_vs_sft"] >= -PASS16_WORST_TOLERANCE)
 
 
-def best_variant(results: dict) -> str:
-    """The variant meeting the goals on every seed with the highest worst-seed pass@16; if none does, the
-    highest worst-seed pass@16 among those whose pass@1 gain reaches the goal on every seed; else among all."""
+def best_variant(results: dict) -> tuple[str, str]:
+    """``(variant, why)``: the variant meeting the goals on every seed with the highest worst-seed pass@16; if none
+    does, the highest worst-seed pass@16 among those whose pass@1 gain reaches the goal on every seed; else among
+    all."""
     def worst_pass16(name):
         return min(scores(r, r["runs"][name]["table"])["pass16_vs_sft"] for r in results.values())
 
     def everywhere(name, test):
         return all(test(scores(r, r["runs"][name]["table"])) for r in results.values())
 
-    for pool in ([n for n in VARIANTS if everywhere(n, meets_goals)],
-                 [n for n in VARIANTS if everywhere(n, lambda s: s["pass1_gain"] >= PASS1_GAIN_GOAL)],
-                 list(VARIANTS)):
+    pools = (("meets every goal on every seed", [n for n in VARIANTS if everywhere(n, meets_goals)]),
+             ("no variant meets every goal on every seed; of those whose pass@1 gain reaches the goal on every "
+              "seed, the best worst-seed pass@16",
+              [n for n in VARIANTS if everywhere(n, lambda s: s["pass1_gain"] >= PASS1_GAIN_GOAL)]),
+             ("no variant reaches the pass@1 goal on every seed; the best worst-seed pass@16", list(VARIANTS)))
+    for why, pool in pools:
         if pool:
-            return max(pool, key=worst_pass16)
+            return max(pool, key=worst_pass16), why
     raise AssertionError("no variants")
 
 
@@ -187,7 +197,7 @@ def plot_pass_at_k(results: dict, best: str, path: str) -> str:
 
 def report(results: dict) -> str:
     seeds = sorted(results)
-    best = best_variant(results)
+    best, why = best_variant(results)
     img_dir = os.path.join(ROOT, "docs", "img")
     os.makedirs(img_dir, exist_ok=True)
     for s in seeds:
@@ -201,8 +211,8 @@ def report(results: dict) -> str:
              f"pass@1 gain at least {PASS1_GAIN_GOAL:.2f}, pass@16 over 1-8 at most {PASS16_MEAN_TOLERANCE:.2f} "
              f"below SFT, no difficulty more than {PASS16_WORST_TOLERANCE:.2f} below.", ""]
     lines += summary_table(results) + [""] + per_difficulty_table(results)
-    lines += ["", f"Chosen by the rule in `best_variant` (goals met on every seed, then the best worst-seed pass@16): "
-              f"**{best}**.", "", f"![pass@k]({os.path.relpath(passk, os.path.join(ROOT, 'docs'))})", ""]
+    lines += ["", f"Chosen by the rule in `best_variant` ({why}): **{best}**.", "",
+              f"![pass@k]({os.path.relpath(passk, os.path.join(ROOT, 'docs'))})", ""]
     lines += [f"![seed {s}](img/exploration_seed{s}.png)" for s in seeds]
     lines += ["", f"Reproduce: `python experiments/exploration.py --seeds {' '.join(map(str, seeds))}`"]
     write_section("exploration", "\n".join(lines))
