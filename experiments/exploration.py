@@ -1,10 +1,10 @@
 """Exploration remedies on the main job: which keeps pass@k while RL raises pass@1?
 
-For every seed: the main job's SFT stage and evaluation, then its RL stage once per variant (plain GRPO and seven
-remedies, each with the main job's RL settings plus the variant's switches), each RL policy evaluated as the main
-job evaluates (held-out problems of difficulties 1-8, pass@k for k = 1..16). The ``grpo`` variant *is* the main
-job's RL stage when configs/main.yaml sets no remedy. Writes the tables between the ``exploration`` markers of
-docs/experiments.md and plots to docs/img/.
+For every seed: the main job's SFT stage and evaluation, then its RL stage once per variant (plain GRPO and eleven
+remedy settings, each with the main job's RL settings, every remedy reset, plus the variant's switches), each RL
+policy evaluated as the main job evaluates (held-out problems of difficulties 1-8, pass@k for k = 1..16). The
+variant whose switches configs/main.yaml sets (``clip_cov``) *is* the main job's RL stage. Writes the tables
+between the ``exploration`` markers of docs/experiments.md and plots to docs/img/.
 
     python experiments/exploration.py --seeds 0 1          # runs what is missing, then writes the report
     python experiments/exploration.py --seeds 1 --no-report  # e.g. one process per seed, report afterwards
