@@ -136,6 +136,9 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+_STYLES = ("-", "--", ":")  # after matplotlib's ten colours, the same colours dashed, then dotted
+
+
 def plot_grid(runs: dict[str, list[dict]], keys: list[tuple[str, str]], path: str, title: str) -> str:
     """One panel per ``(metric key, label)``, one line per run."""
     import matplotlib
@@ -150,13 +153,14 @@ def plot_grid(runs: dict[str, list[dict]], keys: list[tuple[str, str]], path: st
         for i, (name, metric_rows) in enumerate(runs.items()):
             x, y = series(metric_rows, key)
             if x:  # a fixed colour per run, also in panels where some runs have no such metric
-                ax.plot(x, y, label=name, lw=1.4, color=f"C{i}")
+                ax.plot(x, y, label=name, lw=1.4, color=f"C{i % 10}", ls=_STYLES[i // 10 % 3])
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    handles = [plt.Line2D([], [], color=f"C{i}", label=name) for i, name in enumerate(runs)]
+    handles = [plt.Line2D([], [], color=f"C{i % 10}", ls=_STYLES[i // 10 % 3], label=name)
+               for i, name in enumerate(runs)]
     axes.flat[0].legend(handles=handles, fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()

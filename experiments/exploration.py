@@ -1,9 +1,10 @@
 """Exploration remedies on the main job: which keeps pass@k while RL raises pass@1?
 
-For every seed: the main job's SFT stage and evaluation, then its RL stage once per variant (plain GRPO and eleven
-remedy settings, each with the main job's RL settings, every remedy reset, plus the variant's switches), each RL
-policy evaluated as the main job evaluates (held-out problems of difficulties 1-8, pass@k for k = 1..16). The
-variant whose switches configs/main.yaml sets (``clip_cov``) *is* the main job's RL stage. Writes the tables
+For every seed: the main job's SFT stage and evaluation, then its RL stage once per variant (plain GRPO, the
+exploration remedies in several settings and a KL anchor to the SFT policy, each with the main job's RL settings,
+every remedy reset, plus the variant's switches), each RL policy evaluated as the main job evaluates (held-out
+problems of difficulties 1-8, pass@k for k = 1..16). The variant whose switches configs/main.yaml sets
+(``kl_anchor_0.1``) *is* the main job's RL stage. Writes the tables
 between the ``exploration`` markers of docs/experiments.md and plots to docs/img/.
 
     python experiments/exploration.py --seeds 0 1          # runs what is missing, then writes the report
@@ -23,7 +24,7 @@ from common import ROOT, Setup, mean_of, plot_grid, say, write_section  # noqa: 
 # every remedy off, whatever configs/main.yaml enables, so each variant differs from plain GRPO by its own switches
 RESET = ["algorithm.cov_penalty=none", "algorithm.entropy_coef=0.0", "algorithm.entropy_target=null",
          "algorithm.entropy_token_frac=1.0", "algorithm.ds_gamma_pos=0.0", "algorithm.ds_gamma_neg=0.0",
-         "algorithm.advantage=grpo", "algorithm.bupo_layer=null", "algorithm.bupo_steps=0"]
+         "algorithm.advantage=grpo", "algorithm.bupo_layer=null", "algorithm.bupo_steps=0", "algorithm.kl_coef=0.0"]
 
 # Selection fractions and coefficients scaled to this task (docs/features.md, "Exploration on the main job"): an
 # update's minibatch holds about 350 response tokens, so the papers' Clip-/KL-Cov fractions would select no token.
@@ -44,6 +45,13 @@ VARIANTS = {
     "passk_k2": ["algorithm.advantage=passk", "algorithm.passk_k=2"],
     "passk_clip_cov": ["algorithm.advantage=passk", "algorithm.passk_k=4", "algorithm.cov_penalty=clip_cov",
                        "algorithm.clip_cov_ratio=0.01"],
+    # an anchor rather than a remedy: the k3 KL to the SFT policy in the loss keeps the policy near where pass@16 was
+    "kl_anchor_0.1": ["algorithm.kl_coef=0.1"],
+    "kl_anchor_0.2": ["algorithm.kl_coef=0.2"],
+    "kl_anchor_0.3": ["algorithm.kl_coef=0.3"],
+    "kl_anchor_0.5": ["algorithm.kl_coef=0.5"],
+    "clip_cov_kl_anchor_0.5": ["algorithm.cov_penalty=clip_cov", "algorithm.clip_cov_ratio=0.01",
+                               "algorithm.kl_coef=0.5"],
 }
 KS = (1, 2, 4, 8, 16)
 PASS1_GAIN_GOAL = 0.15  # the main job's goal: pass@1 on the RL difficulties, RL minus SFT
