@@ -86,9 +86,8 @@ def test_chunked_kernel_computes_only_its_own_rows_logits_on_an_fsdp_mesh():
     partitioner gathers the rows (here after a replicated index, as response packing makes one) and every device
     computes the whole batch's logits: compiled temporaries then exceed one chunk of the whole batch's logits.
     With the row blocks placed, each device holds its own rows' chunk only; values and gradients unchanged."""
-    import functools
-
     from jaxrl_llm import parallel
+    from jaxrl_llm.sampling.score import token_stats
 
     b, t, d, v, chunk = 8, 512, 256, 16384, 256
     layout = parallel.Layout(parallel.make_mesh({"fsdp": 8}))
@@ -100,12 +99,9 @@ def test_chunked_kernel_computes_only_its_own_rows_logits_on_an_fsdp_mesh():
     def objective(placed):
         def f(h, w, toks):
             h = parallel.constrain_rows(h)[jnp.arange(b)[::-1]]
-            kw = {}
-            if placed:
-                kw = dict(row_blocks=parallel.active_row_ways(),
-                          place_rows=functools.partial(parallel.constrain_rows, only_rows=True))
-                w = parallel.constrain_unembedding(w)
-            lp, ent = L.token_logprobs_and_entropy(h, w, toks, chunk=chunk, **kw)
+            # placed: the function the update, scoring and layer-entropy passes call
+            read_out = token_stats if placed else L.token_logprobs_and_entropy
+            lp, ent = read_out(h, w, toks, chunk=chunk, temperature=1.0)
             return jnp.sum(lp) + 0.1 * jnp.sum(ent)
         # the gradient alone: returning the value too happens to steer this small case's partitioning right
         return jax.jit(jax.grad(f, argnums=(0, 1)))

@@ -42,7 +42,11 @@ def _check_temperature(temperature) -> None:
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
 
 
-def _chunk_stats(h, w, tok, inv_t, place=lambda x: x):
+def _unplaced(x):
+    return x
+
+
+def _chunk_stats(h, w, tok, inv_t, place=_unplaced):
     """Per-token (logp, entropy, logsumexp, mean logit) for one chunk: h [..., c, D], w [D, V], tok [..., c]."""
     z = place(jnp.einsum("...d,dv->...v", h, w, preferred_element_type=jnp.float32) * inv_t)
     top = jnp.max(z, axis=-1)
@@ -72,10 +76,6 @@ def _from_chunks(x, blocks):
         return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])
     x = jnp.moveaxis(x, 0, 2)
     return x.reshape((x.shape[0] * x.shape[1], x.shape[2] * x.shape[3]) + x.shape[4:])
-
-
-def _unplaced(x):
-    return x
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))

@@ -41,10 +41,12 @@ def analytic_plan(cfg, mc, sizes: dict[str, int]) -> MemoryPlan:
     grads = 2 * params
     opt_tmp = opt + params
     acts = _train_activations(mc, cfg, micro_rows, t, tensor, cbytes)
-    logprob = micro_rows * min(cfg.train.logprob_chunk, s.response) * _div(mc.vocab_size, tensor) * 4 * 3
+    vocab_dev = _div(mc.vocab_size, tensor)
+    logprob_chunk = min(cfg.train.logprob_chunk, s.response) * vocab_dev * 4 * 3  # per row: 3 float32 [chunk, vocab]
+    logprob = micro_rows * logprob_chunk
     # the log-prob kernel multiplies a device's rows by the whole [embed, vocab] unembedding (gathered over fsdp,
     # as a layer's weights are) and sums its gradient in float32 until the last chunk
-    unembed = mc.hidden_size * _div(mc.vocab_size, tensor)
+    unembed = mc.hidden_size * vocab_dev
     unembed_gathered = unembed * pbytes if fsdp > 1 else 0
     rows_dev = _div(s.rows, s.dp)
     k = cfg.rollout.sampler_devices  # disaggregated: k devices, each with all the weights and rows / k
@@ -55,8 +57,7 @@ def analytic_plan(cfg, mc, sizes: dict[str, int]) -> MemoryPlan:
     cast = sample_weights * sbytes // pbytes if sbytes != pbytes else 0  # weights cast to rollout.sampler_dtype
     sample_logits = sample_rows * mc.vocab_size * 4 * 4  # logits, scaled, filtered, probabilities
     score_dev = _div(s.score_micro, s.dp)  # scoring runs a micro-batch of whole groups at a time
-    score = (_layer_forward(mc, cfg, score_dev, t, tensor, cbytes) + unembed_gathered
-             + score_dev * min(cfg.train.logprob_chunk, s.response) * _div(mc.vocab_size, tensor) * 4 * 3)
+    score = _layer_forward(mc, cfg, score_dev, t, tensor, cbytes) + unembed_gathered + score_dev * logprob_chunk
     return MemoryPlan(method="analytic", params=params, opt_state=opt, ref_params=ref, critic=critic, batch=batch,
                       sampler_copy=params if cfg.rollout.async_rollout and not k else 0, disaggregated=bool(k),
                       update_temp=grads + opt_tmp + acts + logprob + unembed_gathered + 4 * unembed, kv_cache=kv,

@@ -80,10 +80,10 @@ def _prefill_groups(model, prompt_ids, prompt_mask, forced_experts, n: int, slot
     return out, prompt_masks.sum(axis=1).astype(jnp.int32)
 
 
-def token_stats(model, hidden, tokens, *, chunk: int, temperature: float):
-    """``(logp, entropy)`` of ``tokens`` read out of ``hidden`` by the model's unembedding, each device computing
-    the logits of its own rows only when traced on a mesh (see :func:`token_logprobs_and_entropy`)."""
-    return token_logprobs_and_entropy(hidden, constrain_unembedding(model.unembedding()), tokens, chunk=chunk,
+def token_stats(hidden, unembedding, tokens, *, chunk: int, temperature: float):
+    """``(logp, entropy)`` of ``tokens`` read out of ``hidden`` by the ``[embed, vocab]`` unembedding, each device
+    computing the logits of its own rows only when traced on a mesh (see :func:`token_logprobs_and_entropy`)."""
+    return token_logprobs_and_entropy(hidden, constrain_unembedding(unembedding), tokens, chunk=chunk,
                                       temperature=temperature, row_blocks=active_row_ways(),
                                       place_rows=functools.partial(constrain_rows, only_rows=True))
 
@@ -106,7 +106,7 @@ def _packed_logprobs(model, prompt_ids, prompt_mask, tokens, mask, forced_expert
     last = out.hidden[:, -1][packing.group][:, None]
     previous = jnp.concatenate([last, resp.hidden[:, :-1]], axis=1)
     hidden = jnp.where((packing.offset == 0)[..., None], last, previous)
-    logp, ent = token_stats(model, hidden, packed, chunk=chunk, temperature=temperature)
+    logp, ent = token_stats(hidden, model.unembedding(), packed, chunk=chunk, temperature=temperature)
     logp, ent = logp.reshape(-1)[packing.back], ent.reshape(-1)[packing.back]
     return jnp.where(mask, logp, 0.0), jnp.where(mask, ent, 0.0)
 
@@ -127,7 +127,7 @@ def sequence_logprobs(model, prompt_ids, prompt_mask, tokens, mask, *, temperatu
         return _packed_logprobs(model, prompt_ids, prompt_mask, tokens, mask, forced_experts, group, packing,
                                 temperature, chunk)
     hidden = response_hidden(model, prompt_ids, prompt_mask, tokens, mask, forced_experts, layer, group)
-    logp, ent = token_stats(model, hidden, tokens, chunk=chunk, temperature=temperature)
+    logp, ent = token_stats(hidden, model.unembedding(), tokens, chunk=chunk, temperature=temperature)
     return jnp.where(mask, logp, 0.0), jnp.where(mask, ent, 0.0)
 
 
@@ -164,7 +164,7 @@ def layer_entropies(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, t
 
     def one(residual):
         hidden = model.final_norm(residual)[:, p - 1:-1]
-        _, ent = token_stats(model, hidden, tokens, chunk=chunk, temperature=temperature)
+        _, ent = token_stats(hidden, model.unembedding(), tokens, chunk=chunk, temperature=temperature)
         return jnp.sum(jnp.where(mask, ent, 0.0)) / count
 
     return jax.lax.map(one, out.residuals[1:])
