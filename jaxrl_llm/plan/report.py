@@ -68,8 +68,9 @@ def _discrepancy_notes(a: MemoryPlan, c: MemoryPlan) -> list[str]:
     for name, what in (("update_temp", "the update"), ("sample_temp", "sampling"), ("score_temp", "scoring")):
         ratio = getattr(c, name) / max(getattr(a, name), 1)
         if ratio > 2:
-            notes.append(f"{what} needs {ratio:.0f}x the estimated temporaries: XLA's partitioning of it splits the "
-                         "work over the devices less than the estimate assumes")
+            notes.append(f"{what} needs {ratio:.0f}x the estimated temporaries: the compiled program holds buffers "
+                         "the formula does not count (XLA_FLAGS=--xla_dump_to=DIR writes its buffer assignment; "
+                         "docs/scaling.md lists the causes found)")
     return notes
 
 
