@@ -281,6 +281,24 @@ def test_remat_lowers_compiled_memory(kind):
 
 
 @pytest.mark.slow
+def test_recomputed_layers_do_not_hold_their_attention_gradient_accumulators():
+    # with layers recomputed, each extra layer may keep its input, q, k and v (float32 here); the blockwise
+    # backward's float32 dq, dk, dv accumulators are made once the layer's gradient arrives. Zeros that depend on
+    # nothing are allocated at the program's start, and every layer's would live through the whole backward pass
+    t, (l0, l1) = 2048, (2, 6)
+    cfg = _tiny("blockwise").cfg
+    temp = {n: _temp_bytes(_tiny("blockwise", remat="full", num_layers=n, max_position_embeddings=t), t)
+            for n in (l0, l1)}
+    per_layer = (temp[l1] - temp[l0]) / (l1 - l0)
+    q = t * cfg.num_heads * cfg.head_dim * 4
+    kv = t * cfg.num_kv_heads * cfg.head_dim * 4
+    kept = t * cfg.hidden_size * 4 + q + 2 * kv
+    accumulators = q + 2 * kv
+    print(per_layer / 2**20, kept / 2**20, accumulators / 2**20)
+    assert per_layer < kept + 0.5 * accumulators
+
+
+@pytest.mark.slow
 def test_blockwise_memory_is_linear_in_the_length():
     # compiled temporaries of forward + backward at 1024 and 2048 tokens: dense's grow ~4x (scores), blockwise's ~2x
     growth = {}
