@@ -379,3 +379,24 @@ def test_bad_input():
     # reported log-probs use the full (untruncated) temperature softmax
     logits = jnp.log(jnp.array([[[0.5, 0.3, 0.2]]]))
     assert float(logprobs_from_logits(logits, jnp.array([[1]]))[0, 0]) == pytest.approx(np.log(0.3), rel=1e-5)
+
+
+def test_the_sampler_gathers_the_unembedding_once_on_an_fsdp_mesh():
+    # every decode step multiplies by the whole [embed, vocab] unembedding; with the weights split over fsdp, the
+    # prefill and each decode loop of row compaction would gather a copy of their own before they start, all live
+    # at once. Gathered once, the compiled temporaries hold less than three copies (one copy per loop: over five)
+    from jaxrl_llm.parallel import Layout
+
+    cfg = ModelConfig(model_type="qwen3", vocab_size=8192, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, qk_norm=True, max_position_embeddings=256,
+                      eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
+    layout = Layout(make_mesh({"fsdp": 8}))
+    model = shard_model(Decoder(cfg, rngs=nnx.Rngs(0)), layout.mesh)
+    sampler = Sampler(model)
+    params = SamplingParams(n=8, max_new_tokens=64, temperature=1.0)
+    assert len(compaction_sizes(64, sampler.compact_rows)) >= 3  # several decode loops
+    with layout.active():
+        ids, mask = layout.place_rows(jnp.ones((8, 8), jnp.int32)), layout.place_rows(jnp.ones((8, 8), bool))
+        compiled = sampler.lower(nnx.state(model), ids, mask, params, jax.random.key(0)).compile()
+    unembedding = cfg.hidden_size * cfg.vocab_size * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < 3 * unembedding

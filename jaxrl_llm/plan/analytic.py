@@ -56,12 +56,14 @@ def analytic_plan(cfg, mc, sizes: dict[str, int]) -> MemoryPlan:
     sample_weights = mc.num_params() * pbytes if k else params
     cast = sample_weights * sbytes // pbytes if sbytes != pbytes else 0  # weights cast to rollout.sampler_dtype
     sample_logits = sample_rows * mc.vocab_size * 4 * 4  # logits, scaled, filtered, probabilities
+    # the sampler gathers the unembedding over fsdp once for the whole generation (sampling/sampler.py)
+    sample_unembed = unembed * sbytes if fsdp > 1 and not k else 0
     score_dev = _div(s.score_micro, s.dp)  # scoring runs a micro-batch of whole groups at a time
     score = _layer_forward(mc, cfg, score_dev, t, tensor, cbytes) + unembed_gathered + score_dev * logprob_chunk
     return MemoryPlan(method="analytic", params=params, opt_state=opt, ref_params=ref, critic=critic, batch=batch,
                       sampler_copy=params if cfg.rollout.async_rollout and not k else 0, disaggregated=bool(k),
                       update_temp=grads + opt_tmp + acts + logprob + unembed_gathered + 4 * unembed, kv_cache=kv,
-                      sample_temp=kv + sample_logits + cast, sample_io=sample_weights if k else 0,
+                      sample_temp=kv + sample_logits + cast + sample_unembed, sample_io=sample_weights if k else 0,
                       score_temp=score)
 
 

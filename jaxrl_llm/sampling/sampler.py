@@ -23,7 +23,7 @@ from jaxrl_llm.compile_options import compiler_options
 from jaxrl_llm.distributed import host
 from jaxrl_llm.losses import entropy_from_logits
 from jaxrl_llm.models import Decoder, init_cache, left_pad_positions
-from jaxrl_llm.parallel import active_row_ways
+from jaxrl_llm.parallel import active_row_ways, constrain_unembedding
 from jaxrl_llm.sampling.decode import RowLimits, decode_loop, initial_state, token_logprob
 from jaxrl_llm.sampling.filters import SamplingParams
 
@@ -84,9 +84,21 @@ def _cast(state, compute_dtype):
     return jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
 
 
+def _sampling_model(graphdef, state, compute_dtype) -> Decoder:
+    """The policy as the sampler runs it: in its precision, with the unembedding gathered over ``embed`` once.
+    Every decode step multiplies by the whole unembedding; left to XLA, the prefill and each decode loop gather
+    their own copy before the loop starts, and the copies live side by side."""
+    model = nnx.merge(graphdef, _cast(state, compute_dtype))
+    if model.cfg.tie_word_embeddings:
+        model.embed[...] = constrain_unembedding(model.embed[...].T).T
+    else:
+        model.lm_head[...] = constrain_unembedding(model.lm_head[...])
+    return model
+
+
 def _generate(graphdef, state, prompt_ids, prompt_mask, key, row_stop, row_max_new, *, params: SamplingParams,
               cache_dtype, compute_dtype, compact_rows: int = 0, shards: int = 1):
-    model = nnx.merge(graphdef, _cast(state, compute_dtype))
+    model = _sampling_model(graphdef, state, compute_dtype)
     n, r = params.n, params.max_new_tokens
     p = prompt_ids.shape[1]
     logits, cache, prompt_experts = prefill(model, prompt_ids, prompt_mask, n, p + r, cache_dtype)
@@ -116,7 +128,7 @@ def _score_exact(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, n: i
                  cache_dtype, compute_dtype):
     """Teacher-force ``tokens`` through the sampler's own prefill and decode step (bitwise-equal log-probs); the
     rows' prompts come in groups of ``n`` equal ones, as the sampler returned them."""
-    model = nnx.merge(graphdef, _cast(state, compute_dtype))
+    model = _sampling_model(graphdef, state, compute_dtype)
     prompt_ids, prompt_mask = prompt_ids[::n], prompt_mask[::n]
     r = tokens.shape[1]
     logits, cache, _ = prefill(model, prompt_ids, prompt_mask, n, prompt_ids.shape[1] + r, cache_dtype)
