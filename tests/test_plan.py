@@ -295,3 +295,27 @@ def test_fsdp_gathers_weights_a_layer_at_a_time(tmp_path):
     (score2, update2), (score6, update6) = temps(2), temps(6)
     assert score6 - score2 < layer, (score2, score6, layer)
     assert update6 - update2 < 2 * layer, (update2, update6, layer)
+
+
+@pytest.mark.slow
+def test_the_update_on_an_fsdp_mesh_holds_no_array_of_the_whole_micro_batch(tmp_path):
+    # each device works on its own rows; an array with as many values as the whole micro-batch's hidden states
+    # means something was gathered or padded to the global batch on every device (the transpose of taking one
+    # element of a flattened row-sharded array is such a pad)
+    import re
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(model_type="qwen3", vocab_size=256, hidden_size=512, intermediate_size=512,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                    max_position_embeddings=2048, tie_word_embeddings=True)))
+    cfg = load_config(GRPO, [f"model.path={path}", "mesh.data=1", "mesh.fsdp=8", "rollout.max_new_tokens=1024",
+                             "data.max_prompt_tokens=32", "train.micro_batch_size=8", "train.prompts_per_step=1",
+                             "rollout.n=8", "model.remat=full", "model.dtype=bfloat16"])
+    lowered = {}
+    planner.compile_plan(cfg, planner.resolve_model(str(path)), dict(data=1, fsdp=8, tensor=1, expert=1),
+                         lowered=lowered)
+    text = lowered["update"].compile().as_text()
+    shapes = re.findall(r"\b(?:bf16|f32)\[([0-9,]*)\]", text)
+    sizes = [int(np.prod([int(d) for d in dims.split(",") if d])) for dims in shapes]
+    whole_batch = 8 * 1024 * 512  # rows x response tokens x hidden
+    assert sizes and max(sizes) < whole_batch, max(sizes)
