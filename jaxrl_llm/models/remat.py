@@ -51,11 +51,10 @@ def _is_float(x) -> bool:
 
 def _after(gradient, residuals, keep: list[bool]):
     """``residuals`` made to depend on ``gradient`` (the leaves flagged in ``keep`` are left alone)."""
-    # one element, indexed rather than flattened, and with no gradient of its own: the transpose of taking an
-    # element is that element padded to the whole array, and of a flattened row-sharded array, padded on every
-    # device to the size of the whole batch
-    anchor = next((jax.lax.stop_gradient(g[(0,) * g.ndim]) for g in jax.tree.leaves(gradient)
-                   if _is_float(g) and g.size), None)
+    # one element, indexed rather than flattened: the transpose of taking an element is that element padded to
+    # the whole array, which stays sharded like it; flattening a row-sharded array first would pad the whole
+    # batch's values on every device
+    anchor = next((g[(0,) * g.ndim] for g in jax.tree.leaves(gradient) if _is_float(g) and g.size), None)
     if anchor is None:
         return residuals
     zero = 0 * anchor
