@@ -137,8 +137,8 @@ def _force_devices_env(n: int) -> dict[str, str]:
     """The environment of a JAX process with ``n`` fake CPU devices. The generated code is never run, so LLVM
     need not optimise it: the memory figures are fixed before code generation and come out identical, in
     half the compile time. XLA:CPU computes bfloat16 in float32; allowed excess precision, it also keeps the
-    widened float32 values (residuals for the backward pass, gathered weights) where TPUs and GPUs keep
-    bfloat16, so it is not allowed here."""
+    widened float32 values as the residuals of the backward pass, where TPUs and GPUs keep bfloat16, so it is
+    not allowed here."""
     env = dict(os.environ)
     ours = ("--xla_force_host_platform_device_count", "--xla_backend_optimization_level",
             "--xla_allow_excess_precision")
