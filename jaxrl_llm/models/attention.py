@@ -48,6 +48,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from jaxrl_llm.models.remat import after
+
 KERNELS = ("auto", "dense", "blockwise", "cudnn", "splash")
 KEY_BLOCK = 128  # one row of TPU lanes; the same for every caller (module docstring)
 QUERY_BLOCK = 512
@@ -323,8 +325,7 @@ def _flash_backward(q, k_t, v, mask, out, lse, dout, bq: int):
 
     # the accumulators are made from the incoming gradient: zeros that depend on nothing may be allocated at the
     # start of the program, and with layers recomputed every layer's would then live through the whole backward
-    anchor = 0.0 * delta[(0,) * delta.ndim]
-    init = tuple(jnp.zeros(x.shape, jnp.float32) + anchor for x in (q, k_t, v))
+    init = after(delta, tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k_t, v)))
     dq, dk, dv = _visit_key_blocks(slots, _seen_end(mask, tp, slots), key_block, init)
     return dq.astype(q.dtype), dk.astype(k_t.dtype), dv.astype(v.dtype)
 

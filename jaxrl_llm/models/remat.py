@@ -35,7 +35,8 @@ REMAT_SETTINGS = ("auto", *REMAT_POLICIES)  # what ``model.remat`` accepts
 # recomputed), while the recomputation costs about a third more forward arithmetic at every length
 AUTO_FULL_RESPONSE_TOKENS = 8192
 
-__all__ = ["AUTO_FULL_RESPONSE_TOKENS", "REMAT_POLICIES", "REMAT_SETTINGS", "rematerialised", "resolve_remat"]
+__all__ = ["AUTO_FULL_RESPONSE_TOKENS", "REMAT_POLICIES", "REMAT_SETTINGS", "after", "rematerialised",
+           "resolve_remat"]
 
 
 def resolve_remat(setting: str, response_tokens: int) -> str:
@@ -49,8 +50,10 @@ def _is_float(x) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
-def _after(gradient, residuals, keep: list[bool]):
-    """``residuals`` made to depend on ``gradient`` (the leaves flagged in ``keep`` are left alone)."""
+def after(gradient, residuals, keep: list[bool] | None = None):
+    """``residuals`` made to depend on ``gradient`` (``x + 0 * g[0]``, exact for finite values), so that XLA
+    computes or allocates them only once ``gradient`` exists; the leaves flagged in ``keep`` are left alone."""
+    keep = [False] * len(jax.tree.leaves(residuals)) if keep is None else keep
     # one element, indexed rather than flattened: the transpose of taking an element is that element padded to
     # the whole array, which stays sharded like it; flattening a row-sharded array first would pad the whole
     # batch's values on every device
@@ -80,7 +83,7 @@ def _in_order(fn, policy, *, delay_params: bool = False):
         return out, vjp
 
     def bwd(vjp, g):
-        return _after(g, vjp, params_flags)(g)
+        return after(g, vjp, params_flags)(g)
 
     call.defvjp(fwd, bwd)
     return call
@@ -113,7 +116,7 @@ def rematerialised(policy: str):
             return layer(*args)
         graphdef, params = nnx.split(layer)
         if ordered:  # kept sharded on both sides of the dependence, so that the gather comes after it
-            params = constrain_state(_after(anchor, constrain_state(params), [False] * len(jax.tree.leaves(params))))
+            params = constrain_state(after(anchor, constrain_state(params)))
         fn = _in_order(lambda p, a: nnx.merge(graphdef, p)(*a), _SAVEABLE[policy], delay_params=ordered)
         return fn(params, args)
     return call
