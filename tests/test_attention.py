@@ -298,6 +298,27 @@ def test_recomputed_layers_do_not_hold_their_attention_gradient_accumulators():
     assert per_layer < kept + 0.5 * accumulators
 
 
+def test_a_forward_pass_holds_no_layers_attention_output_past_the_layer():
+    # a forward pass (scoring, prefill) needs one layer's attention output at a time. Per-block outputs stacked by a
+    # loop start from a constant that XLA shares between the layers and copies for each at the program's start, so
+    # that every layer's output would be held from the first layer to the last
+    t, (l0, l1) = 2048, (2, 6)
+    cfg = _tiny("blockwise").cfg
+    ids, mask = jnp.zeros((1, t), jnp.int32), jnp.ones((1, t), bool)
+
+    def temp(layers):
+        graphdef, state = nnx.split(_tiny("blockwise", num_layers=layers, max_position_embeddings=t))
+
+        def forward(state):
+            return nnx.merge(graphdef, state)(ids, left_pad_positions(mask), attention_mask=mask).hidden
+        return jax.jit(forward).lower(state).compile().memory_analysis().temp_size_in_bytes
+
+    per_layer = (temp(l1) - temp(l0)) / (l1 - l0)
+    output = t * cfg.num_heads * cfg.head_dim * 4  # one layer's attention output, float32
+    print(per_layer / 2**20, output / 2**20)
+    assert per_layer < 0.25 * output
+
+
 @pytest.mark.slow
 def test_blockwise_memory_is_linear_in_the_length():
     # compiled temporaries of forward + backward at 1024 and 2048 tokens: dense's grow ~4x (scores), blockwise's ~2x

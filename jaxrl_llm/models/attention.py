@@ -267,7 +267,8 @@ def _flash_forward(q, k_t, v, mask, bq: int):
     slots = k_t.shape[3]
     dt = q.dtype
 
-    def query_block(i):
+    def query_block(i, carry):
+        out, lse = carry
         qb = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=3)
 
         def key_block(start, size, carry):
@@ -281,10 +282,13 @@ def _flash_forward(q, k_t, v, mask, bq: int):
         init = (jnp.full((b, kv, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, kv, g, bq), jnp.float32),
                 jnp.zeros((b, kv, g, bq, d), jnp.float32))
         m, l, acc = _visit_key_blocks(slots, _seen_end(mask, (i + 1) * bq, slots), key_block, init)
-        return (acc / l[..., None]).astype(dt), m + jnp.log(l)
+        out = jax.lax.dynamic_update_slice_in_dim(out, (acc / l[..., None]).astype(dt), i * bq, axis=3)
+        return out, jax.lax.dynamic_update_slice_in_dim(lse, m + jnp.log(l), i * bq, axis=3)
 
-    out, lse = jax.lax.map(query_block, jnp.arange(tp // bq))  # [nq, B, kv, g, bq, ...]
-    return (jnp.moveaxis(out, 0, 3).reshape(b, kv, g, tp, d), jnp.moveaxis(lse, 0, 3).reshape(b, kv, g, tp))
+    # written in place into outputs made from q: a loop's stacked outputs (lax.map) start as a constant, which XLA
+    # shares between the layers and copies for each at the start of the program, one output per layer held all along
+    init = after(q, (jnp.zeros(q.shape, dt), jnp.zeros(q.shape[:-1], jnp.float32)))
+    return jax.lax.fori_loop(0, tp // bq, query_block, init)
 
 
 def _flash_backward(q, k_t, v, mask, out, lse, dout, bq: int):
