@@ -52,6 +52,13 @@ VARIANTS = {
     "kl_anchor_0.5": ["algorithm.kl_coef=0.5"],
     "clip_cov_kl_anchor_0.5": ["algorithm.cov_penalty=clip_cov", "algorithm.clip_cov_ratio=0.01",
                                "algorithm.kl_coef=0.5"],
+    # an anchor strong enough to keep pass@16 (0.5) with more updates to reach the pass@1 goal
+    "kl_anchor_0.3_80_steps": ["algorithm.kl_coef=0.3", "train.steps=80"],
+    "kl_anchor_0.5_80_steps": ["algorithm.kl_coef=0.5", "train.steps=80"],
+    "kl_anchor_0.5_lr_2e-4": ["algorithm.kl_coef=0.5", "train.lr=2.0e-4"],
+    "passk_80_steps": ["algorithm.advantage=passk", "algorithm.passk_k=4", "train.steps=80"],
+    "passk_kl_anchor_0.3_80_steps": ["algorithm.advantage=passk", "algorithm.passk_k=4", "algorithm.kl_coef=0.3",
+                                     "train.steps=80"],
 }
 KS = (1, 2, 4, 8, 16)
 PASS1_GAIN_GOAL = 0.15  # the main job's goal: pass@1 on the RL difficulties, RL minus SFT
@@ -59,19 +66,25 @@ PASS16_MEAN_TOLERANCE = 0.01  # pass@16 over difficulties 1-8 at most this much 
 PASS16_WORST_TOLERANCE = 0.10  # and no single difficulty more than this
 
 
-def run_seed(seed: int, run_root: str) -> dict:
-    setup = Setup(os.path.join(run_root, f"seed{seed}"), seed, legacy=False)
+def run_seed(seed: int, run_root: str, names=None, pipeline_overrides=()) -> dict:
+    setup = Setup(os.path.join(run_root, f"seed{seed}"), seed, legacy=False,
+                  model_overrides=tuple(pipeline_overrides))
     setup.ensure_sft()
     sft = setup.evaluate_sft_table()
     rl = setup.difficulties
     say(f"seed {seed}: SFT pass@1 per difficulty "
         + " ".join(f"d{d}:{r['pass@1']:.2f}" for d, r in sorted(sft.items())) + f"; RL on {rl}")
     runs = {}
-    for name, overrides in VARIANTS.items():
-        rows, table, seconds = setup.run_variant(name, [*RESET, *overrides])
+    result = {"sft": sft, "rl_difficulties": rl, "runs": runs, "problems": setup.cfg.eval.problems,
+              "eval_difficulties": setup.eval_difficulties}
+    for name in names or VARIANTS:
+        rows, table, seconds = setup.run_variant(name, [*RESET, *VARIANTS[name]])
         runs[name] = {"rows": rows, "table": table, "seconds": seconds}
-    return {"sft": sft, "rl_difficulties": rl, "runs": runs, "problems": setup.cfg.eval.problems,
-            "eval_difficulties": setup.eval_difficulties}
+        sc = scores(result, table)
+        say(f"seed {seed} {name}: pass@1 gain {sc['pass1_gain']:+.3f}, pass@16 vs SFT {sc['pass16_vs_sft']:+.3f}, "
+            f"worst difficulty {sc['worst_vs_sft']:+.3f}; pass@16 per difficulty vs SFT "
+            + " ".join(f"d{d}:{table[d]['pass@16'] - sft[d]['pass@16']:+.2f}" for d in setup.eval_difficulties))
+    return result
 
 
 def _mean(table: dict, difficulties, key: str) -> float:
@@ -232,9 +245,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--run-root", default=os.path.join(ROOT, "runs", "exp_exploration"))
     ap.add_argument("--no-report", action="store_true", help="run the variants only")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                    help="run only these (their figures are printed; the report needs every variant)")
+    ap.add_argument("--set", dest="pipeline_overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override configs/main.yaml, e.g. --set 'sft.difficulties=[1,2,3,4,5,6,7,8]' (use a run "
+                         "root of its own)")
     args = ap.parse_args(argv)
-    results = {s: run_seed(s, args.run_root) for s in args.seeds}
-    if not args.no_report:
+    results = {s: run_seed(s, args.run_root, args.variants, args.pipeline_overrides) for s in args.seeds}
+    if not args.no_report and not args.variants:
         best = report(results)
         say(f"tables written to docs/experiments.md; best by the goals: {best}")
     return 0
