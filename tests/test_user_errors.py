@@ -56,6 +56,8 @@ def test_user_errors_give_one_line_and_exit_code_2(tiny_model_dir, tmp_path):
         "foreign checkpoint": (_train_args(tiny_model_dir, tmp_path / "other"),
                                ["cannot restore step 3", "checkpoint.overwrite=true"]),
         "unknown key": (_train_args(tiny_model_dir, tmp_path / "r", "train.lrr=1"), ["'train.lrr'", "train.lr"]),
+        "too long": (_train_args(tiny_model_dir, tmp_path / "r", "rollout.max_new_tokens=4096"),
+                     ["rollout.max_new_tokens=4096", "exceeds the model's max_position_embeddings 128"]),
         "pipeline key": (["pipeline", f"run_dir={tmp_path / 'p'}", "sft.stepz=3"],
                          ["unknown pipeline key 'sft.stepz'", "sft.steps"]),
         "pipeline preset": (["pipeline", f"run_dir={tmp_path / 'p'}", "rl.preset=grpoo"],
