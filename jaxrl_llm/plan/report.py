@@ -140,7 +140,9 @@ def _compile_into(report: Report, config, overrides, spec, groups, timeout, back
     else:
         report.backend = f"{report.devices} fake CPU devices"
         report.notes.append("compiled by XLA:CPU on fake devices: TPU/GPU compilers fuse, schedule and lay out "
-                            "memory differently, so the compiled figures approximate theirs")
+                            "memory differently, so the compiled figures approximate theirs; XLA:CPU also widens "
+                            "the bfloat16 weights it gathers to float32 (the sampler's unembedding copy among them), "
+                            "which TPU/GPU compilers keep in bfloat16 (docs/scaling.md)")
         if progress:
             progress(f"compiling on {most} fake CPU devices in a subprocess (timeout {timeout:g} s) ...")
         results, problem = run_subprocess(request, most, timeout)
