@@ -288,8 +288,10 @@ def test_fsdp_gathers_weights_a_layer_at_a_time(tmp_path):
         cfg = load_config(GRPO, [f"model.path={path}", "mesh.data=1", "mesh.fsdp=8", "rollout.max_new_tokens=64",
                                  "data.max_prompt_tokens=32", "train.micro_batch_size=8", "train.prompts_per_step=8",
                                  "rollout.n=8"])
-        plan = planner.compile_plan(cfg, planner.resolve_model(str(path)), dict(data=1, fsdp=8, tensor=1, expert=1))
-        return plan.score_temp, plan.update_temp
+        programs = planner.compile_programs(cfg, planner.resolve_model(str(path)),
+                                            dict(data=1, fsdp=8, tensor=1, expert=1), ("update", "score"))
+        assert "generate" not in programs  # scoring by micro-batches needs no sampler program
+        return programs["score"].temp, programs["update"][0].temp
 
     layer = 4 * (4 * 512 * 512 + 3 * 512 * 2048)  # one layer's weights gathered, float32 (q, k, v, o ~ 4 x 512^2)
     (score2, update2), (score6, update6) = temps(2), temps(6)
@@ -312,8 +314,8 @@ def test_the_update_on_an_fsdp_mesh_holds_no_array_of_the_whole_micro_batch(tmp_
                              "data.max_prompt_tokens=32", "train.micro_batch_size=8", "train.prompts_per_step=1",
                              "rollout.n=8", "model.remat=full", "model.dtype=bfloat16"])
     lowered = {}
-    planner.compile_plan(cfg, planner.resolve_model(str(path)), dict(data=1, fsdp=8, tensor=1, expert=1),
-                         lowered=lowered)
+    planner.compile_programs(cfg, planner.resolve_model(str(path)), dict(data=1, fsdp=8, tensor=1, expert=1),
+                             ("update",), lowered=lowered)
     text = lowered["update"].compile().as_text()
     shapes = re.findall(r"\b(?:bf16|f32)\[([0-9,]*)\]", text)
     sizes = [int(np.prod([int(d) for d in dims.split(",") if d])) for dims in shapes]

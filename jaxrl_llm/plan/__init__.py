@@ -26,9 +26,9 @@ from jaxrl_llm.plan.analytic import analytic_plan
 from jaxrl_llm.plan.inputs import (ACCELERATORS, GiB, MESH_AXES, MODEL_PRESETS, PlanError, load_plan_config, parse_mesh,
                                   resolve_mesh, resolve_model)
 from jaxrl_llm.plan.memory import MemoryPlan, ProgramMemory, StepShapes
-from jaxrl_llm.plan.programs import compile_plan
+from jaxrl_llm.plan.programs import compile_plan, compile_programs
 from jaxrl_llm.plan.report import Report, format_report, plan, run_cli
 
 __all__ = ["ACCELERATORS", "GiB", "MESH_AXES", "MODEL_PRESETS", "PlanError", "ProgramMemory", "MemoryPlan", "Report",
            "StepShapes", "parse_mesh", "resolve_mesh", "resolve_model", "load_plan_config", "analytic_plan",
-           "compile_plan", "plan", "format_report", "run_cli"]
+           "compile_plan", "compile_programs", "plan", "format_report", "run_cli"]

@@ -203,6 +203,9 @@ def _lower(program, layout=None):
         return fn.lower(*args, **kwargs)
 
 
+PROGRAMS = ("update", "generate", "score")
+
+
 def compile_plan(cfg, mc, sizes: dict[str, int], *, devices=None, cache: dict | None = None,
                  lowered: dict | None = None) -> MemoryPlan:
     """Lower and compile the update, generate and scoring programs on ``devices`` (default: the first local
@@ -214,59 +217,11 @@ def compile_plan(cfg, mc, sizes: dict[str, int], *, devices=None, cache: dict | 
     settings are equal; ``lowered`` (a dict) receives each lowered program by name (``update``, ``generate``,
     ``score``).
     """
-    import jax
-    from flax import nnx
-
-    from jaxrl_llm.parallel import Layout, make_mesh, merge_rules
-    from jaxrl_llm.trainer.optim import run_optimizer
-
-    n, k = math.prod(sizes.values()), cfg.rollout.sampler_devices
-    devices = list(jax.devices()[:n + k] if devices is None else devices)
-    if len(devices) != n + k:
-        raise PlanError(f"mesh {mesh_text(sizes)}{f' + {k} sampler devices' if k else ''} needs {n + k} devices, "
-                        f"{len(devices)} are available here")
-    from jaxrl_llm.models.remat import resolve_remat
-
-    cache = {} if cache is None else cache
-    lowered = {} if lowered is None else lowered
     start = time.perf_counter()
-    layout = Layout(make_mesh(sizes, devices[:n]), merge_rules(cfg.mesh.rules))
-    sampler_layout = Layout(make_mesh({"data": -1}, devices[n:])) if k else None
-    s = step_shapes(cfg, sizes)
-    model, graphdef, params, rest = _abstract_policy(cfg, mc, layout)
-    optimizer = run_optimizer(cfg)
-    opt_state = _abstract_opt_state(optimizer, params, layout)
-    state = nnx.merge_state(params, rest)
-    sampler_state = _replicated_on(sampler_layout, state) if k else state
-    m, r = cfg.model, cfg.rollout
-    base = (mc, mesh_text(sizes), k, m.dtype, m.param_dtype, resolve_remat(m.remat, r.max_new_tokens), s.prompt,
-            s.response, r.n, cfg.train.prompts_per_step, str(sorted(cfg.mesh.rules.items())))
-    update_key = ("update", base, s.micro, s.num_micro, dataclasses.astuple(cfg.algorithm))
-    if update_key not in cache:  # traced under the trainer's layout, as the trainer does (parallel.constrain_rows)
-        program = _update_program(cfg, mc, layout, graphdef, params, rest, opt_state, optimizer, s)
-        lowered["update"] = _named("the update", _lower, program, layout)
-        micro = program[1][3]
-        cache[update_key] = ProgramMemory.of(_named("the update", lowered["update"].compile)), _tree_bytes(micro)
-    update, batch = cache[update_key]
-    sample_key = ("generate", base, dataclasses.astuple(r))
-    if sample_key not in cache:
-        with (sampler_layout or layout).active():  # its arguments made on the mesh, as the rollout worker does
-            sampler, program = _generate_program(cfg, mc, model, sampler_state, sampler_layout or layout, s)
-        lowered["generate"] = _named("the sampler", _lower, program, sampler_layout or layout)
-        compiled = _named("the sampler", lowered["generate"].compile)
-        cache[sample_key] = ProgramMemory.of(compiled), sampler, compiled.output_shardings
-    generate, sampler, generated = cache[sample_key]
-    score_key = ("score", base, dataclasses.astuple(r), cfg.train.logprob_chunk)
-    if score_key not in cache:
-        rows = s.score_micro
-        rollout_sh = _rollout_shardings(layout, rows, generated if rows == s.rows and not k else None)
-        program = _score_program(cfg, mc, graphdef, state, sampler, layout, s, rollout_sh, rows)
-        lowered["score"] = _named("scoring", _lower, program, layout)
-        cache[score_key] = ProgramMemory.of(_named("scoring", lowered["score"].compile))
-    score = cache[score_key]
-
-    p, o = _tree_bytes(params), _tree_bytes(opt_state)
-    a = cfg.algorithm
+    programs = compile_programs(cfg, mc, sizes, devices=devices, cache=cache, lowered=lowered)
+    (update, batch), generate, score = programs["update"], programs["generate"][0], programs["score"]
+    p, o = programs["params"], programs["opt_state"]
+    r, k, a = cfg.rollout, cfg.rollout.sampler_devices, cfg.algorithm
     plan_ = MemoryPlan(
         method="compiled", params=p, opt_state=o, ref_params=p if a.kl_coef > 0 else 0,
         critic=p + o if a.advantage == "gae" else 0,  # trunk + optimizer state (the value head is negligible)
@@ -278,7 +233,7 @@ def compile_plan(cfg, mc, sizes: dict[str, int], *, devices=None, cache: dict | 
         sample_io=generate.peak - generate.temp - (0 if k else p),
         score_temp=score.temp, score_io=score.peak - score.temp - p,
         seconds=time.perf_counter() - start)
-    if abs(update.argument - (p + o + batch + _tree_bytes(rest))) > 0.01 * update.argument:
+    if abs(update.argument - (p + o + batch + programs["rest"])) > 0.01 * update.argument:
         plan_.notes.append(f"update arguments: XLA counts {fmt_bytes(update.argument)}, the shardings give "
                            f"{fmt_bytes(p + o + batch)}")
     return plan_
@@ -294,3 +249,73 @@ def _named(program: str, compile_fn, *args):
     except Exception as err:
         first = str(err).splitlines()[0] if str(err) else ""
         raise PlanError(f"{program} does not compile: {type(err).__name__}: {first}") from err
+
+
+def compile_programs(cfg, mc, sizes: dict[str, int], names=PROGRAMS, *, devices=None, cache: dict | None = None,
+                     lowered: dict | None = None) -> dict:
+    """The programs of :func:`compile_plan` named in ``names``, each compiled and analysed once: a dict with
+    ``update`` (its :class:`ProgramMemory` and the bytes of one micro-batch), ``generate`` (its memory, the
+    sampler, its output shardings), ``score`` (its memory), and the per-device bytes of ``params`` and
+    ``opt_state``. Scoring a whole step's rows on the trainer's devices reads the rollouts where the sampler
+    left them, so it compiles the sampler too."""
+    import jax
+    from flax import nnx
+
+    from jaxrl_llm.models.remat import resolve_remat
+    from jaxrl_llm.parallel import Layout, make_mesh, merge_rules
+    from jaxrl_llm.trainer.optim import run_optimizer
+
+    unknown = set(names) - set(PROGRAMS)
+    if unknown:
+        raise ValueError(f"unknown programs {sorted(unknown)}; known: {', '.join(PROGRAMS)}")
+    n, k = math.prod(sizes.values()), cfg.rollout.sampler_devices
+    devices = list(jax.devices()[:n + k] if devices is None else devices)
+    if len(devices) != n + k:
+        raise PlanError(f"mesh {mesh_text(sizes)}{f' + {k} sampler devices' if k else ''} needs {n + k} devices, "
+                        f"{len(devices)} are available here")
+    cache = {} if cache is None else cache
+    lowered = {} if lowered is None else lowered
+    layout = Layout(make_mesh(sizes, devices[:n]), merge_rules(cfg.mesh.rules))
+    sampler_layout = Layout(make_mesh({"data": -1}, devices[n:])) if k else None
+    s = step_shapes(cfg, sizes)
+    model, graphdef, params, rest = _abstract_policy(cfg, mc, layout)
+    optimizer = run_optimizer(cfg)
+    opt_state = _abstract_opt_state(optimizer, params, layout)
+    state = nnx.merge_state(params, rest)
+    sampler_state = _replicated_on(sampler_layout, state) if k else state
+    m, r = cfg.model, cfg.rollout
+    base = (mc, mesh_text(sizes), k, m.dtype, m.param_dtype, resolve_remat(m.remat, r.max_new_tokens), s.prompt,
+            s.response, r.n, cfg.train.prompts_per_step, str(sorted(cfg.mesh.rules.items())))
+    out = dict(params=_tree_bytes(params), opt_state=_tree_bytes(opt_state), rest=_tree_bytes(rest))
+    if "update" in names:
+        key = ("update", base, s.micro, s.num_micro, dataclasses.astuple(cfg.algorithm))
+        if key not in cache:  # traced under the trainer's layout, as the trainer does (parallel.constrain_rows)
+            program = _update_program(cfg, mc, layout, graphdef, params, rest, opt_state, optimizer, s)
+            lowered["update"] = _named("the update", _lower, program, layout)
+            micro = program[1][3]
+            cache[key] = ProgramMemory.of(_named("the update", lowered["update"].compile)), _tree_bytes(micro)
+        out["update"] = cache[key]
+    score_rows = s.score_micro
+    reads_sampler_output = score_rows == s.rows and not k
+    if "generate" in names or ("score" in names and reads_sampler_output):
+        key = ("generate", base, dataclasses.astuple(r))
+        if key not in cache:
+            with (sampler_layout or layout).active():  # its arguments made on the mesh, as the rollout worker does
+                sampler, program = _generate_program(cfg, mc, model, sampler_state, sampler_layout or layout, s)
+            lowered["generate"] = _named("the sampler", _lower, program, sampler_layout or layout)
+            compiled = _named("the sampler", lowered["generate"].compile)
+            cache[key] = ProgramMemory.of(compiled), sampler, compiled.output_shardings
+        out["generate"] = cache[key]
+    if "score" in names:
+        key = ("score", base, dataclasses.astuple(r), cfg.train.logprob_chunk)
+        if key not in cache:
+            from jaxrl_llm.trainer.rl import make_sampler
+
+            sampler = out["generate"][1] if "generate" in out else make_sampler(cfg, model)
+            generated = out["generate"][2] if reads_sampler_output else None
+            rollout_sh = _rollout_shardings(layout, score_rows, generated)
+            program = _score_program(cfg, mc, graphdef, state, sampler, layout, s, rollout_sh, score_rows)
+            lowered["score"] = _named("scoring", _lower, program, layout)
+            cache[key] = ProgramMemory.of(_named("scoring", lowered["score"].compile))
+        out["score"] = cache[key]
+    return out
