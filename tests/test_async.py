@@ -52,3 +52,36 @@ def test_bad_async_and_disaggregated_settings(tiny_model_dir, tmp_path):
         _cfg(tiny_model_dir, tmp_path, None, "rollout.async_rollout=true", "rollout.consistency=exact")
     with pytest.raises(ValueError, match="sampler_devices=8"):
         RLTrainer(_cfg(tiny_model_dir, tmp_path, None, "rollout.sampler_devices=8"))
+
+
+def test_a_lagging_sampler_reads_the_weights_of_lag_steps_before():
+    from types import SimpleNamespace
+
+    import jax.numpy as jnp
+
+    from jaxrl_llm.trainer.rollout import RolloutEngine
+
+    class Worker:  # collects nothing: reports which weights it was given
+        def collect(self, weights):
+            return SimpleNamespace(stats={}, weights=float(weights["w"]))
+
+    engine = RolloutEngine(Worker(), asynchronous=False, lag=2)
+    seen = []
+    for step in range(5):
+        engine.update_weights({"w": jnp.asarray(float(step))})
+        batch = engine.generate()
+        seen.append((batch.weights, batch.stats["rollout_staleness"]))
+    assert seen == [(0.0, 0.0), (0.0, 1.0), (0.0, 2.0), (1.0, 2.0), (2.0, 2.0)]
+    with pytest.raises(ValueError, match="synchronous"):
+        RolloutEngine(Worker(), asynchronous=True, lag=1)
+
+
+def test_a_lagging_sampler_is_seen_by_the_mismatch_metrics(tiny_model_dir, tmp_path):
+    rows, _ = _train(_cfg(tiny_model_dir, tmp_path, None, "train.steps=2", "checkpoint.export_hf=false", VARIED,
+                          "rollout.sampler_lag=1", "train.lr=1e-2"))
+    assert [r["rollout_staleness"] for r in rows] == [0.0, 1.0]
+    assert rows[0]["train_sampler_abs_max"] < 1e-4 < 1e-3 < rows[1]["train_sampler_abs_max"]
+    with pytest.raises(ConfigError, match="rollout.sampler_lag"):
+        _cfg(tiny_model_dir, tmp_path, None, "rollout.sampler_lag=1", "rollout.consistency=exact")
+    with pytest.raises(ConfigError, match="rollout.sampler_lag"):
+        _cfg(tiny_model_dir, tmp_path, None, "rollout.sampler_lag=1", "rollout.async_rollout=true")

@@ -106,6 +106,9 @@ class RolloutSection:
     routing_replay: bool = False  # MoE: the trainer replays the experts the sampler chose for every token
     sampler_devices: int = 0  # > 0: disaggregated, the last N devices sample and the others train
     async_rollout: bool = False  # sample step k+1 while step k trains (one step off-policy)
+    # experiments: sample from the weights of this many steps before (an injected off-policy mismatch; the older
+    # weights are not checkpointed, so a resumed run's first steps are less stale)
+    sampler_lag: int = 0
     # halve the decode batch whenever at most half its rows still generate, down to this many rows (0: off;
     # None: 8, or 0 with consistency=exact)
     compact_rows: int | None = None

@@ -108,7 +108,14 @@ def _check_rollout(cfg: TrainConfig) -> None:
     _require(r.sampler_devices >= 0, "rollout.sampler_devices", f"must be >= 0, got {r.sampler_devices}")
     _require(r.compact_rows is None or r.compact_rows >= 0, "rollout.compact_rows",
              f"must be >= 0 (0 disables), got {r.compact_rows}")
+    _require(r.sampler_lag >= 0, "rollout.sampler_lag", f"must be >= 0, got {r.sampler_lag}")
+    _require(not r.sampler_lag or not (r.async_rollout or r.sampler_devices), "rollout.sampler_lag",
+             "a lagging sampler is synchronous on the trainer's devices; set rollout.async_rollout=false and "
+             "rollout.sampler_devices=0")
     if r.consistency == "exact":
+        _require(not r.sampler_lag, "rollout.sampler_lag",
+                 "exact consistency needs the sampler's weights to be the trainer's; a lagging sampler needs "
+                 "rollout.consistency=default")
         _require(not r.compact_rows, "rollout.compact_rows",
                  "exact consistency replays the full decode batch; compaction needs rollout.consistency=default")
         _require(not r.async_rollout, "rollout.async_rollout",

@@ -129,7 +129,8 @@ class RLTrainer:
             self.evaluator = Evaluator.for_run(cfg, tokenizer=self.tokenizer, sampler=sampler, sampling=sampling,
                                                reward_fns=reward_fns, layout=self.layout,
                                                holdout=self.prompts.holdout, encoder=self.prompts.encoder)
-        self.rollouts = RolloutEngine(worker, asynchronous=cfg.rollout.async_rollout, sampler_layout=sampler_layout)
+        self.rollouts = RolloutEngine(worker, asynchronous=cfg.rollout.async_rollout, sampler_layout=sampler_layout,
+                                      lag=cfg.rollout.sampler_lag)
         self.step = 0
         self._evaluated: dict[str, float] = {}  # this step's evaluation metrics (rank the best checkpoint)
         self.checkpointer = open_checkpoints(cfg)  # resume, refuse or overwrite (lifecycle.py)

@@ -8,10 +8,14 @@
   step's update, one step off-policy, and its host work (decoding, rewards) overlaps the update;
 * disaggregated (``rollout.sampler_devices``): the sampler has devices of its own and receives the weights after
   every update; with async rollouts its whole collection runs in a background thread.
+
+``rollout.sampler_lag`` (synchronous only) makes the sampler read the weights of that many steps before: a
+controlled off-policy mismatch for experiments with the rollout corrections.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
@@ -169,14 +173,19 @@ class RolloutEngine:
     """The trainer's source of rollouts: ``update_weights`` after every update, ``generate`` once per step.
 
     ``sampler_layout`` (disaggregated mode) is the sampler's own devices; ``asynchronous`` samples the next step's
-    rollouts from the weights before the current update."""
+    rollouts from the weights before the current update; ``lag`` (synchronous) samples from the weights given
+    ``lag`` calls of ``update_weights`` before."""
 
-    def __init__(self, worker: RolloutWorker, *, asynchronous: bool, sampler_layout: Layout | None = None):
+    def __init__(self, worker: RolloutWorker, *, asynchronous: bool, sampler_layout: Layout | None = None,
+                 lag: int = 0):
+        if lag and (asynchronous or sampler_layout is not None):
+            raise ValueError("a lagging sampler is synchronous on the trainer's devices")
         self.worker = worker
         self.sampler_layout = sampler_layout
         self._executor = ThreadPoolExecutor(max_workers=1) if asynchronous else None
         self._pending = None  # the next step's rollouts, in the making
         self._weights = None
+        self._history = deque(maxlen=lag + 1) if lag else None  # copies: the update donates the live buffers
         # async: where the rollouts in the making started (data position, key, weights), for exact resume
         self.resume_point: ResumePoint | None = None
 
@@ -190,8 +199,12 @@ class RolloutEngine:
         return state
 
     def update_weights(self, state) -> None:
-        """The policy the next rollouts sample from."""
-        self._weights = self._placed(state)
+        """The policy the next rollouts sample from (with a lag: the oldest of the last ``lag + 1`` given)."""
+        if self._history is None:
+            self._weights = self._placed(state)
+            return
+        self._history.append(jax.tree.map(jnp.copy, state))
+        self._weights = self._history[0]
 
     def resume(self, sampler_state) -> None:
         """Continue an async run from a checkpoint saved while rollouts were in the making: they are sampled again
@@ -211,7 +224,10 @@ class RolloutEngine:
         this step's update, and only its host work (decoding, rewards) overlaps the update."""
         worker, weights = self.worker, self._weights
         if self._executor is None:
-            return worker.collect(weights)
+            batch = worker.collect(weights)
+            if self._history is not None:
+                batch.stats["rollout_staleness"] = float(len(self._history) - 1)
+            return batch
         stale = self._pending is not None
         if self.sampler_layout is not None:
             if not stale:
