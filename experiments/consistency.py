@@ -3,10 +3,12 @@
 Dense policy: a bfloat16 sampler with the float32 trainer, trained with no correction, with token-level truncated
 IS (C = 2) and with token-level masked IS (band [0.5, 2]); the ``exact`` consistency mode (old log-probs a
 bitwise replay of the sampler's, the update's own log-probs within a few ulps of them) is the control. MoE
-policy (same recipe, 4 experts, top-2): a bfloat16 sampler whose routing the trainer either recomputes (no replay) or replays. Same SFT checkpoint, seed and budget per group.
+policy (same recipe, 4 experts, top-2): a bfloat16 sampler whose routing the trainer either recomputes (no replay) or replays. Stale
+sampler (dense): the sampler reads the weights of ``--lag`` steps before (``rollout.sampler_lag``), trained with no
+correction, with TIS and with masked IS, against ``exact`` mode. Same SFT checkpoint, seed and budget per group.
 Writes plots to docs/img/ and tables to docs/experiments.md.
 
-    python experiments/consistency.py [--seed 0] [--run-root runs/exp_consistency] [--skip-moe]
+    python experiments/consistency.py [--seed 0] [--run-root runs/exp_consistency] [--groups dense stale moe]
 """
 from __future__ import annotations
 
@@ -28,6 +30,17 @@ DENSE = {
     "bf16 + masked IS, tight band": [BF16, "algorithm.rollout_mask=token", "algorithm.rollout_mask_low=0.97",
                                      "algorithm.rollout_mask_high=1.03"],
 }
+def stale_variants(lag: int) -> dict:
+    lagged = f"rollout.sampler_lag={lag}"
+    return {
+        "exact (control)": ["rollout.consistency=exact"],
+        f"lag {lag}, no correction": [lagged],
+        f"lag {lag} + TIS": [lagged, "algorithm.rollout_is=token", "algorithm.rollout_is_cap=2"],
+        f"lag {lag} + masked IS": [lagged, "algorithm.rollout_mask=token", "algorithm.rollout_mask_low=0.5",
+                                   "algorithm.rollout_mask_high=2"],
+    }
+
+
 MOE = {
     "moe bf16, no replay": [BF16],
     "moe bf16 + routing replay": [BF16, "rollout.routing_replay=true"],
@@ -90,14 +103,17 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-root", default=os.path.join(ROOT, "runs", "exp_consistency"))
     ap.add_argument("--sft-dir", default=None, help="reuse this dense SFT checkpoint (made with the recipe of experiments/common.py)")
-    ap.add_argument("--skip-moe", action="store_true")
+    ap.add_argument("--groups", nargs="+", choices=("dense", "stale", "moe"), default=["dense", "moe"])
+    ap.add_argument("--lag", type=int, default=2, help="steps the stale sampler's weights lag behind the trainer's")
     ap.add_argument("--moe-sft-steps", type=int, default=None, help="SFT steps of the MoE policy (default: main job's)")
     ap.add_argument("--moe-rl-steps", type=int, default=None, help="RL steps of the MoE runs (default: main job's)")
     args = ap.parse_args(argv)
     dense = Setup(os.path.join(args.run_root, "dense"), args.seed, sft_dir=args.sft_dir)
-    lines = [f"Seed {args.seed}. Dense policy:", ""]
-    lines += _group(dense, DENSE, f"Mismatch correction (dense), seed {args.seed}", "consistency_dense.png")
-    if not args.skip_moe:
+    lines = []
+    if "dense" in args.groups:
+        lines += [f"Seed {args.seed}. Dense policy:", ""]
+        lines += _group(dense, DENSE, f"Mismatch correction (dense), seed {args.seed}", "consistency_dense.png")
+    if "moe" in args.groups:
         budget = (f"sft.steps={args.moe_sft_steps}",) if args.moe_sft_steps else ()
         moe = Setup(os.path.join(args.run_root, "moe"), args.seed, model_overrides=MOE_MODEL + budget)
         rl_steps = [f"train.steps={args.moe_rl_steps}"] if args.moe_rl_steps else []
@@ -108,9 +124,17 @@ def main(argv=None) -> int:
                         extra_keys=[("routing_agreement", "routing agreement (trainer's own routing vs sampler's)")])
     flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in (("moe_sft_steps", args.moe_sft_steps),
                                                                  ("moe_rl_steps", args.moe_rl_steps)) if v)
-    lines += ["", f"Reproduce: `python experiments/consistency.py --seed {args.seed}{flags}"
-                  f"{' --skip-moe' if args.skip_moe else ''}`"]
-    write_section(f"consistency-seed{args.seed}", "\n".join(lines))
+    if lines:
+        groups = " ".join(g for g in args.groups if g != "stale")
+        lines += ["", f"Reproduce: `python experiments/consistency.py --seed {args.seed} --groups {groups}{flags}`"]
+        write_section(f"consistency-seed{args.seed}", "\n".join(lines))
+    if "stale" in args.groups:
+        stale = [f"Seed {args.seed}. Dense policy, the sampler {args.lag} steps behind the trainer:", ""]
+        stale += _group(dense, stale_variants(args.lag), f"Stale sampler ({args.lag} steps), seed {args.seed}",
+                        f"consistency_stale_seed{args.seed}.png")
+        stale += ["", f"Reproduce: `python experiments/consistency.py --seed {args.seed} --groups stale "
+                      f"--lag {args.lag}`"]
+        write_section(f"consistency-stale-seed{args.seed}", "\n".join(stale))
     say("tables written to docs/experiments.md")
     return 0
 
