@@ -8,7 +8,7 @@ sampler (dense): the sampler reads the weights of ``--lag`` steps before (``roll
 correction, with TIS and with masked IS, against ``exact`` mode. Same SFT checkpoint, seed and budget per group.
 Writes plots to docs/img/ and tables to docs/experiments.md.
 
-    python experiments/consistency.py [--seed 0] [--run-root runs/exp_consistency] [--groups dense stale moe]
+    python experiments/consistency.py [--seed 0] [--run-root runs/exp_consistency/seed0] [--groups dense stale moe]
 """
 from __future__ import annotations
 
@@ -101,13 +101,14 @@ def _group(setup: Setup, variants: dict, title: str, img_name: str, extra_keys=(
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--run-root", default=os.path.join(ROOT, "runs", "exp_consistency"))
+    ap.add_argument("--run-root", default=None, help="default: runs/exp_consistency/seed<SEED>")
     ap.add_argument("--sft-dir", default=None, help="reuse this dense SFT checkpoint (made with the recipe of experiments/common.py)")
     ap.add_argument("--groups", nargs="+", choices=("dense", "stale", "moe"), default=["dense", "moe"])
     ap.add_argument("--lag", type=int, default=2, help="steps the stale sampler's weights lag behind the trainer's")
     ap.add_argument("--moe-sft-steps", type=int, default=None, help="SFT steps of the MoE policy (default: main job's)")
     ap.add_argument("--moe-rl-steps", type=int, default=None, help="RL steps of the MoE runs (default: main job's)")
     args = ap.parse_args(argv)
+    args.run_root = args.run_root or os.path.join(ROOT, "runs", "exp_consistency", f"seed{args.seed}")
     dense = Setup(os.path.join(args.run_root, "dense"), args.seed, sft_dir=args.sft_dir)
     lines = []
     if "dense" in args.groups:
