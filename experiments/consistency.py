@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sft-dir", default=None, help="reuse this dense SFT checkpoint (made with the recipe of experiments/common.py)")
     ap.add_argument("--groups", nargs="+", choices=("dense", "stale", "moe"), default=["dense", "moe"])
     ap.add_argument("--lag", type=int, default=2, help="steps the stale sampler's weights lag behind the trainer's")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="overrides added to every stale-group run (e.g. train.lr=5e-4)")
+    ap.add_argument("--tag", default="", help="names the stale group's section and plot (for runs with --set)")
     ap.add_argument("--moe-sft-steps", type=int, default=None, help="SFT steps of the MoE policy (default: main job's)")
     ap.add_argument("--moe-rl-steps", type=int, default=None, help="RL steps of the MoE runs (default: main job's)")
     args = ap.parse_args(argv)
@@ -130,12 +133,16 @@ def main(argv=None) -> int:
         lines += ["", f"Reproduce: `python experiments/consistency.py --seed {args.seed} --groups {groups}{flags}`"]
         write_section(f"consistency-seed{args.seed}", "\n".join(lines))
     if "stale" in args.groups:
-        stale = [f"Seed {args.seed}. Dense policy, the sampler {args.lag} steps behind the trainer:", ""]
-        stale += _group(dense, stale_variants(args.lag), f"Stale sampler ({args.lag} steps), seed {args.seed}",
-                        f"consistency_stale_seed{args.seed}.png")
+        tag = f"{args.tag}-" if args.tag else ""
+        extra = f" ({' '.join(args.set)})" if args.set else ""
+        stale = [f"Seed {args.seed}. Dense policy, the sampler {args.lag} steps behind the trainer{extra}:", ""]
+        variants = {name: overrides + args.set for name, overrides in stale_variants(args.lag).items()}
+        stale += _group(dense, variants, f"Stale sampler ({args.lag} steps{extra}), seed {args.seed}",
+                        f"consistency_stale_{tag.replace('-', '_')}seed{args.seed}.png")
+        options = (f" --set {' '.join(args.set)} --tag {args.tag}" if args.set else "")
         stale += ["", f"Reproduce: `python experiments/consistency.py --seed {args.seed} --groups stale "
-                      f"--lag {args.lag}`"]
-        write_section(f"consistency-stale-seed{args.seed}", "\n".join(stale))
+                      f"--lag {args.lag}{options}` (with `--run-root` a directory of its own per setting)"]
+        write_section(f"consistency-stale-{tag}seed{args.seed}", "\n".join(stale))
     say("tables written to docs/experiments.md")
     return 0
 
