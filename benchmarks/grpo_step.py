@@ -10,6 +10,10 @@ their ratio.
 
     pip install trl   # not a dependency of jaxrl_llm
     python benchmarks/grpo_step.py [--steps 10]
+
+``--consistency exact`` instead compares jaxrl_llm's step in ``rollout.consistency=exact`` mode with its default
+step (same batch, the two trainers taking turns in this process; no TRL needed): the cost of exact mode, for the
+whole step and for its rollout + scoring.
 """
 from __future__ import annotations
 
@@ -121,11 +125,46 @@ def time_trl(model_dir: str, out_dir: str, steps: int, after_step=None) -> list[
     return times
 
 
+def compare_exact(steps: int) -> None:
+    """Exact-mode steps against default steps, taking turns."""
+    times = {"default": [], "exact": []}
+    phases = {"default": {}, "exact": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = os.path.join(tmp, "model")
+        build_model(model_dir)
+        trainers = {mode: benchmark_trainer(model_dir, os.path.join(tmp, mode), steps,
+                                            ("mesh.data=1", f"rollout.consistency={mode}"))
+                    for mode in times}
+        try:
+            for _ in range(steps):
+                for mode, trainer in trainers.items():
+                    time.sleep(PAUSE)
+                    timed_step(trainer, times[mode], phases[mode])
+        finally:
+            for trainer in trainers.values():
+                trainer.close()
+    med = {m: statistics.median(t[WARMUP:]) for m, t in times.items()}
+    rollout = {m: statistics.median([a + b for a, b in zip(p["rollout_reward"][WARMUP:], p["score"][WARMUP:])])
+               for m, p in phases.items()}
+    print(f"batch: {PROMPTS} prompts x {N} samples, <= {PROMPT_LEN} prompt tokens, <= {NEW} new tokens, "
+          f"CPU ({machine()})")
+    for mode in times:
+        print(f"{mode:8s} s/step: {med[mode]:.3f}, rollout + scoring {rollout[mode]:.3f}  "
+              f"(all steps: {np.round(times[mode], 3).tolist()})")
+    print(f"exact/default: step {med['exact'] / med['default']:.2f}x, rollout + scoring "
+          f"{rollout['exact'] / rollout['default']:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--consistency", choices=("exact",), default=None,
+                    help="compare exact-mode steps with default ones instead of with TRL")
     args = ap.parse_args()
     steps = max(args.steps, WARMUP + 1)
+    if args.consistency:
+        compare_exact(steps)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "model")
         build_model(model_dir)
