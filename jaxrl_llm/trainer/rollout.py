@@ -185,26 +185,25 @@ class RolloutEngine:
         self._executor = ThreadPoolExecutor(max_workers=1) if asynchronous else None
         self._pending = None  # the next step's rollouts, in the making
         self._weights = None
-        self._history = deque(maxlen=lag + 1) if lag else None  # copies: the update donates the live buffers
+        self._history = deque(maxlen=lag + 1) if lag else None  # the last lag + 1 weights given, oldest first
         # async: where the rollouts in the making started (data position, key, weights), for exact resume
         self.resume_point: ResumePoint | None = None
 
     def _placed(self, state):
         """``state`` as the sampler reads it: on the sampler's devices in disaggregated mode, a copy in async mode
-        (the next update donates the live buffers)."""
+        or with a lag (weights kept past the next update, which donates the live buffers)."""
         if self.sampler_layout is not None:
             return jax.device_put(state, self.sampler_layout.replicated())
-        if self._executor is not None:
+        if self._executor is not None or self._history is not None:
             return jax.tree.map(jnp.copy, state)
         return state
 
     def update_weights(self, state) -> None:
         """The policy the next rollouts sample from (with a lag: the oldest of the last ``lag + 1`` given)."""
-        if self._history is None:
-            self._weights = self._placed(state)
-            return
-        self._history.append(jax.tree.map(jnp.copy, state))
-        self._weights = self._history[0]
+        self._weights = self._placed(state)
+        if self._history is not None:
+            self._history.append(self._weights)
+            self._weights = self._history[0]
 
     def resume(self, sampler_state) -> None:
         """Continue an async run from a checkpoint saved while rollouts were in the making: they are sampled again
