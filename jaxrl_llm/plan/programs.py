@@ -256,8 +256,8 @@ def compile_programs(cfg, mc, sizes: dict[str, int], names=PROGRAMS, *, devices=
     """The programs of :func:`compile_plan` named in ``names``, each compiled and analysed once: a dict with
     ``update`` (its :class:`ProgramMemory` and the bytes of one micro-batch), ``generate`` (its memory, the
     sampler, its output shardings), ``score`` (its memory), and the per-device bytes of ``params``,
-    ``opt_state`` and ``rest`` (the model's other state). Scoring a whole step's rows on the trainer's devices reads the rollouts where the sampler
-    left them, so it compiles the sampler too."""
+    ``opt_state`` and ``rest`` (the model's other state). Scoring a whole step's rows on the trainer's devices
+    reads the rollouts where the sampler left them, so it compiles the sampler too."""
     import jax
     from flax import nnx
 
