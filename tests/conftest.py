@@ -44,3 +44,21 @@ def tiny_model_dir(tmp_path_factory):
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     save_hf(Decoder(cfg, rngs=nnx.Rngs(0)), path, tokenizer=tok)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory):
+    """:func:`tiny_model_dir` as a mixture-of-experts policy (Qwen3-MoE, 4 experts, 2 per token)."""
+    from flax import nnx
+
+    from jaxrl_llm.models import Decoder, ModelConfig, save_hf
+    from jaxrl_llm.tokenizer import build_char_tokenizer
+
+    path = str(tmp_path_factory.mktemp("tiny_moe"))
+    tok = build_char_tokenizer()
+    cfg = ModelConfig(model_type="qwen3_moe", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True,
+                      max_position_embeddings=128, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                      moe_layers=(True, True), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    save_hf(Decoder(cfg, rngs=nnx.Rngs(0)), path, tokenizer=tok)
+    return path

@@ -41,19 +41,19 @@ def _cfg(*extra):
 def test_step_passes_and_totals():
     shared, unshared = 2464 * 15 + 64 * 64, 2464 * 23 + 64 * 85
     # GRPO, old log-probs from the update: sampling + 3 forwards of the update, no scoring pass
-    passes = step_passes(_cfg(), old_logp_from_update=True, bupo_warmup=False, score_group=2, update_group=2)
+    passes = step_passes(_cfg(), old_logp_pass=False, bupo_warmup=False, score_group=2, update_group=2)
     assert passes == StepPasses(scoring=0, scoring_shared=True, update_epochs=1, update_shared=True)
     out = rl_step_flops(TINY, PROMPTS, RESPONSES, passes)
     assert (out["sample"], out["score"], out["update"], out["total"]) == (shared, 0, 3 * shared, 4 * shared)
     # a scoring pass and a reference pass when they are needed; prompts not shared in the update
-    passes = step_passes(_cfg("algorithm.kl_coef=0.1"), old_logp_from_update=False, bupo_warmup=False,
+    passes = step_passes(_cfg("algorithm.kl_coef=0.1"), old_logp_pass=True, bupo_warmup=False,
                          score_group=2, update_group=1)
     out = rl_step_flops(TINY, PROMPTS, RESPONSES, passes)
     assert out["score"] == 2 * shared and out["update"] == 3 * unshared
     assert out["total"] == shared + 2 * shared + 3 * unshared
     # PPO: a separate critic without the unembedding, its values forward and 2 epochs of updates, per response
     ppo = _cfg("algorithm.advantage=gae", "algorithm.critic=separate", "algorithm.ppo_epochs=2")
-    passes = step_passes(ppo, old_logp_from_update=False, bupo_warmup=False, score_group=1, update_group=1)
+    passes = step_passes(ppo, old_logp_pass=True, bupo_warmup=False, score_group=1, update_group=1)
     out = rl_step_flops(TINY, PROMPTS, RESPONSES, passes)
     assert out["critic"] == (1 + 3 * 2) * (2304 * 23 + 64 * 85) and out["update"] == 6 * unshared
     with pytest.raises(ValueError, match="response_lengths must be"):

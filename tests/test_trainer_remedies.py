@@ -118,18 +118,6 @@ def test_layer_entropies_match_a_hand_logit_lens():
         assert float(jnp.sum(ent_l) / mask.sum()) == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.fixture(scope="module")
-def tiny_moe_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny_moe"))
-    tok = build_char_tokenizer()
-    cfg = ModelConfig(model_type="qwen3_moe", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True,
-                      max_position_embeddings=128, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
-                      moe_layers=(True, True), eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    save_hf(Decoder(cfg, rngs=nnx.Rngs(0)), path, tokenizer=tok)
-    return path
-
-
 def test_routing_agreement_and_replay(tiny_moe_dir):
     from jaxrl_llm.models import load_hf
 

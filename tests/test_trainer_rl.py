@@ -245,11 +245,13 @@ def test_old_logp_from_the_update_matches_a_scoring_pass(tiny_model_dir, tmp_pat
 
 
 def test_old_logp_scoring_pass_is_kept_when_needed(tiny_model_dir, tmp_path):
-    for extra in ("algorithm.minibatches=2", "algorithm.rollout_is=token", "algorithm.kl_coef=0.01",
-                  "rollout.consistency=exact"):
-        trainer = RLTrainer(_cfg(tiny_model_dir, tmp_path, "grpo", "checkpoint.export_hf=false", extra))
+    # exact mode needs no pass: its update computes the sampler's log-probs bit for bit, so they are the old ones
+    for extra, source in (("algorithm.minibatches=2", "score"), ("algorithm.rollout_is=token", "score"),
+                          ("algorithm.kl_coef=0.01", "score"), ("rollout.consistency=exact", "sampler")):
+        trainer = RLTrainer(_cfg(tiny_model_dir, tmp_path, "grpo", "checkpoint.export_hf=false", extra,
+                                 "train.micro_batch_size=16" if source == "sampler" else "train.micro_batch_size=8"))
         try:
-            assert not trainer.scorer.from_update, extra
+            assert trainer.scorer.old_logp_source == source and not trainer.scorer.from_update, extra
         finally:
             trainer.close()
 
@@ -283,15 +285,30 @@ def test_scoring_passes_run_in_micro_batches(tiny_model_dir, tmp_path, monkeypat
     np.testing.assert_allclose(np.asarray(scores.ref_logp), np.asarray(whole), atol=2e-6)
 
 
-@pytest.mark.parametrize("mesh", ["mesh.data=1", "mesh.data=2 mesh.fsdp=2 mesh.tensor=2"])
-def test_exact_mode_replays_the_sampler_bit_for_bit_and_reports_the_update_gap(tiny_model_dir, tmp_path, mesh):
-    # exact mode's old log-probs replay the sampler's computation: bitwise equal, on one device and on a mesh;
-    # the update's differentiated log-probs are not bitwise equal (a few float32 ulps), and train_sampler_* says so
-    cfg = _cfg(tiny_model_dir, tmp_path, "grpo", "train.steps=1", "checkpoint.export_hf=false",
-               "rollout.consistency=exact", *mesh.split())
+# every pair of levels of (model, dtype, devices) once: 4 runs instead of 8; one with two minibatches, which
+# exact mode runs as the whole batch with the other minibatch's responses masked out
+EXACT_CASES = [("dense", "float32", "mesh.data=1", 2), ("moe", "bfloat16", "mesh.data=1", 1),
+               ("dense", "bfloat16", "mesh.data=2 mesh.fsdp=2 mesh.tensor=2", 1),
+               ("moe", "float32", "mesh.data=2 mesh.fsdp=2 mesh.tensor=2", 1)]
+
+
+@pytest.mark.parametrize("family,dtype,mesh,minibatches", EXACT_CASES)
+def test_exact_mode_differentiates_the_samplers_log_probs_bit_for_bit(family, dtype, mesh, minibatches, request,
+                                                                      tmp_path):
+    # the log-probs inside the loss (the ones the gradient flows through) against the sampler's, per token, at the
+    # step's first update: train_sampler_abs_max exactly 0, so its ratio (old log-probs: the sampler's) is exactly 1
+    model_dir = request.getfixturevalue("tiny_moe_dir" if family == "moe" else "tiny_model_dir")
+    cfg = _cfg(model_dir, tmp_path, "grpo", "train.steps=1", "checkpoint.export_hf=false",
+               "rollout.consistency=exact", "train.micro_batch_size=16", f"model.dtype={dtype}",
+               f"algorithm.minibatches={minibatches}", "algorithm.entropy_coef=0.01",  # a gradient if all rewards are 0
+               *mesh.split())
     devices = jax.devices()[:1] if mesh == "mesh.data=1" else jax.devices()
     with RLTrainer(cfg, devices=devices) as trainer:
         trainer.train()
     row = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))[-1]
-    assert row["replay_sampler_abs_max"] == 0.0
-    assert 0.0 <= row["train_sampler_abs_max"] < 1e-5
+    assert row["train_sampler_abs_max"] == 0.0
+    if minibatches == 1:
+        assert row["ratio_max"] == 1.0 and row["ratio_min"] == 1.0
+    else:  # the second update's policy has moved away from the sampler
+        assert row["offpolicy_kl/update0"] == 0.0 and row["offpolicy_kl/update1"] > 0.0
+    assert row["grad_norm"] > 0 and row["skipped_nonfinite"] == 0.0

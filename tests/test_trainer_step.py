@@ -68,6 +68,9 @@ def test_toy_grpo_raises_reward(capsys):
     out = capsys.readouterr().out
     first, last = (float(x) for x in out.strip().splitlines()[-1].split()[1:4:2])
     assert last > first + 0.2, out
+    # the demo's mismatch column: the log-probs the update differentiates against the sampler's, every step
+    steps = [line.split() for line in out.splitlines() if line.split() and line.split()[0].isdigit()]
+    assert len(steps) == 12 and all(float(cols[4]) == 0.0 for cols in steps), out
 
 
 def test_old_logp_from_the_update_equals_a_scoring_pass():

@@ -112,23 +112,33 @@ def _check_rollout(cfg: TrainConfig) -> None:
     _require(not r.sampler_lag or not (r.async_rollout or r.sampler_devices), "rollout.sampler_lag",
              "a lagging sampler is synchronous on the trainer's devices; set rollout.async_rollout=false and "
              "rollout.sampler_devices=0")
-    if r.consistency == "exact":
-        _require(not r.sampler_lag, "rollout.sampler_lag",
+    if r.consistency == "exact":  # settings exact consistency cannot have
+        for value, key, why in (
+                (r.sampler_lag, "rollout.sampler_lag",
                  "exact consistency needs the sampler's weights to be the trainer's; a lagging sampler needs "
-                 "rollout.consistency=default")
-        _require(not r.compact_rows, "rollout.compact_rows",
-                 "exact consistency replays the full decode batch; compaction needs rollout.consistency=default")
-        _require(not r.async_rollout, "rollout.async_rollout",
+                 "rollout.consistency=default"),
+                (r.compact_rows, "rollout.compact_rows",
+                 "exact consistency's update runs the decode batch as sampled, and compaction changes how a row "
+                 "rounds; compaction needs rollout.consistency=default"),
+                (r.async_rollout, "rollout.async_rollout",
                  "exact consistency needs the sampler's weights to be the trainer's; async rollouts are one step "
-                 "stale (use rollout.consistency=default, and algorithm.rollout_is to correct the staleness)")
-        _require(not r.sampler_devices, "rollout.sampler_devices",
+                 "stale (use rollout.consistency=default, and algorithm.rollout_is to correct the staleness)"),
+                (r.sampler_devices, "rollout.sampler_devices",
                  "exact consistency is checked on one set of devices; disaggregated sampling needs "
-                 "rollout.consistency=default")
+                 "rollout.consistency=default")):
+            _require(not value, key, why)
     if r.sampler_dtype is not None:
         _choice(r.sampler_dtype, "rollout.sampler_dtype", DTYPES)
         _require(r.consistency == "default" or r.sampler_dtype == cfg.model.dtype, "rollout.sampler_dtype",
                  f"{r.sampler_dtype} differs from model.dtype={cfg.model.dtype}, which needs "
                  "rollout.consistency=default (exact consistency samples with the trainer's numerics)")
+    if r.consistency == "exact":
+        rows = cfg.train.prompts_per_step * r.n
+        # the update runs the sampler's decode step on the rows as sampled: a row rounds as the sampler's did only
+        # in a batch of the sampler's size (several minibatches mask each other's responses out)
+        _require(cfg.train.micro_batch_size == rows, "train.micro_batch_size",
+                 f"exact consistency's update runs the sampler's whole batch at once: set it to "
+                 f"train.prompts_per_step x rollout.n = {rows}, got {cfg.train.micro_batch_size}")
 
 
 def _check_algorithm(cfg: TrainConfig) -> None:
@@ -239,7 +249,8 @@ def _check_train(cfg: TrainConfig, device_count: int | None) -> None:
     _require(rows % a.minibatches == 0, "algorithm.minibatches",
              f"{rows} responses per step (train.prompts_per_step={t.prompts_per_step} x rollout.n={r.n}) do not "
              f"split into {a.minibatches} equal minibatches")
-    mb = rows // a.minibatches
+    # exact consistency's update runs the whole batch, masking out the other minibatches' responses
+    mb = rows if r.consistency == "exact" else rows // a.minibatches
     _require(t.micro_batch_size >= 1 and mb % t.micro_batch_size == 0, "train.micro_batch_size",
              f"a minibatch of {mb} responses does not split into micro-batches of {t.micro_batch_size}")
     _require(t.lr > 0 and math.isfinite(t.lr), "train.lr", f"must be > 0, got {t.lr}")

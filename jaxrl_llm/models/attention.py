@@ -41,6 +41,8 @@ padded to whole blocks: a decode step over a short cache reads no more slots tha
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -56,7 +58,7 @@ QUERY_BLOCK = 512
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 __all__ = ["AttentionMask", "KERNELS", "KEY_BLOCK", "QUERY_BLOCK", "attend", "blockwise_attention",
-           "check_kernel", "decode_attention", "dense_attention", "resolve"]
+           "check_kernel", "decode_attention", "dense_attention", "resolve", "static_decode_blocks"]
 
 
 @flax.struct.dataclass
@@ -191,13 +193,37 @@ def _online_update(carry, scores, allowed, values_of):
     return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + values_of(p)
 
 
-def _visit_key_blocks(slots: int, seen_end, block, carry):
+# Decode steps traced under static_decode_blocks() visit the cache's key blocks in a loop of static length (every
+# full block, the unfilled ones skipped by a conditional) instead of one that stops at the newest slot: the
+# dynamic loop cannot be differentiated in reverse mode, and exact consistency's update differentiates the decode
+# step. Its sampler runs the same loop, so that both compile the same arithmetic.
+_STATIC_DECODE_BLOCKS = contextvars.ContextVar("static_decode_blocks", default=False)
+
+
+@contextlib.contextmanager
+def static_decode_blocks(on: bool = True):
+    """Decode steps traced inside visit the cache's key blocks in a loop of static length (reverse-mode
+    differentiable; the same blocks, in the same order, with the same arithmetic)."""
+    token = _STATIC_DECODE_BLOCKS.set(on)
+    try:
+        yield
+    finally:
+        _STATIC_DECODE_BLOCKS.reset(token)
+
+
+def _visit_key_blocks(slots: int, seen_end, block, carry, *, static: bool = False):
     """``carry = block(start, size, carry)`` for the key blocks that start before slot ``seen_end`` (may be traced),
     in ascending order: blocks of ``KEY_BLOCK`` slots from slot 0, the last one cut at ``slots``. The full blocks
-    run in a loop with a dynamic trip count (none when there is only one), the cut block under a conditional."""
+    run in a loop with a dynamic trip count (none when there is only one; ``static``: a loop over every full block
+    that skips the unseen ones), the cut block under a conditional."""
     full, cut = divmod(slots, KEY_BLOCK)
     if full == 1:  # every query sees slot 0
         carry = block(0, KEY_BLOCK, carry)
+    elif full and static:
+        def visit(j, c):
+            start = j * KEY_BLOCK
+            return jax.lax.cond(seen_end > start, lambda c: block(start, KEY_BLOCK, c), lambda c: c, c)
+        carry = jax.lax.fori_loop(0, full, visit, carry)
     elif full:
         count = jnp.clip((seen_end + KEY_BLOCK - 1) // KEY_BLOCK, 0, full)
         carry = jax.lax.fori_loop(0, count, lambda j, c: block(j * KEY_BLOCK, KEY_BLOCK, c), carry)
@@ -236,7 +262,8 @@ def decode_attention(q, k_cache, v_cache, mask: AttentionMask, *, dt):
 
     init = (jnp.full((b, kv, g), -jnp.inf, jnp.float32), jnp.zeros((b, kv, g), jnp.float32),
             jnp.zeros((b, kv, g, d), jnp.float32))
-    _, l, acc = _visit_key_blocks(k_cache.shape[3], mask.q_offset + 1, block, init)
+    _, l, acc = _visit_key_blocks(k_cache.shape[3], mask.q_offset + 1, block, init,
+                                  static=_STATIC_DECODE_BLOCKS.get())
     return (acc / l[..., None]).astype(dt)[:, None]
 
 

@@ -91,10 +91,9 @@ PLAN_PROMPT_TOKENS = 64  # the prompt length planned for when data.max_prompt_to
 
 def step_shapes(cfg, sizes: dict[str, int]) -> StepShapes:
     rows = cfg.train.prompts_per_step * cfg.rollout.n
-    minibatch = rows // cfg.algorithm.minibatches
+    # exact consistency's update runs the whole batch (trainer.update.Learner._minibatches)
+    minibatch = rows if cfg.rollout.consistency == "exact" else rows // cfg.algorithm.minibatches
     return StepShapes(dp=sizes["data"] * sizes["fsdp"], prompt=cfg.data.max_prompt_tokens or PLAN_PROMPT_TOKENS,
                       response=cfg.rollout.max_new_tokens, rows=rows, micro=cfg.train.micro_batch_size,
                       num_micro=minibatch // cfg.train.micro_batch_size,
-                      # the exact replay scores a whole step at once (the sampler's own batch)
-                      score_micro=rows if cfg.rollout.consistency == "exact" else min(
-                          rows, prompt_sharing(cfg).score_rows))
+                      score_micro=min(rows, prompt_sharing(cfg).score_rows))

@@ -101,14 +101,17 @@ def _micro_batches(cfg, mc, layout, s: StepShapes):
     return jax.tree.map(lambda x, sh: _abstract(x.shape, x.dtype, sh), micro, micro_shardings(layout, micro))
 
 
-def _update_program(cfg, mc, layout, graphdef, params, rest, opt_state, optimizer, s: StepShapes):
+def _update_program(cfg, mc, layout, model, graphdef, params, rest, opt_state, optimizer, s: StepShapes):
     """The trainer's jitted policy update (``trainer.update.build_update``) and its abstract arguments."""
     import jax
     import jax.numpy as jnp
 
+    from jaxrl_llm.trainer.rl import make_sampler
     from jaxrl_llm.trainer.update import build_update
 
-    step = build_update(cfg, graphdef, optimizer, params, rest, opt_state)
+    # exact consistency's update differentiates the sampler's decode step
+    sampler = make_sampler(cfg, model) if cfg.rollout.consistency == "exact" else None
+    step = build_update(cfg, graphdef, optimizer, params, rest, opt_state, sampler=sampler)
     micro = _micro_batches(cfg, mc, layout, s)
     # the normaliser is reduced from the minibatch's (placed) mask: replicated on the mesh
     normalizer = _abstract((), jnp.float32, layout.replicated())
@@ -153,9 +156,8 @@ def _generate_program(cfg, mc, model, state, layout, s: StepShapes):
 
 
 def _score_program(cfg, mc, graphdef, state, sampler, layout, s: StepShapes, rollout_sh, n: int):
-    """The old-log-prob pass of the trainer's scorer (``trainer.scoring.Scorer``) over ``n`` rollout rows placed
-    as ``rollout_sh`` says: a micro-batch's forward, or in ``exact`` consistency the sampler's own prefill + decode
-    replay of a whole step."""
+    """The scoring pass of the trainer's scorer (``trainer.scoring.Scorer``) over ``n`` rollout rows placed as
+    ``rollout_sh`` says: a micro-batch's forward."""
     import jax.numpy as jnp
 
     from jaxrl_llm.sampling import Rollout
@@ -290,7 +292,7 @@ def compile_programs(cfg, mc, sizes: dict[str, int], names=PROGRAMS, *, devices=
     if "update" in names:
         key = ("update", base, s.micro, s.num_micro, dataclasses.astuple(cfg.algorithm))
         if key not in cache:  # traced under the trainer's layout, as the trainer does (parallel.constrain_rows)
-            program = _update_program(cfg, mc, layout, graphdef, params, rest, opt_state, optimizer, s)
+            program = _update_program(cfg, mc, layout, model, graphdef, params, rest, opt_state, optimizer, s)
             lowered["update"] = _named("the update", _lower, program, layout)
             micro = program[1][3]
             cache[key] = ProgramMemory.of(_named("the update", lowered["update"].compile)), _tree_bytes(micro)

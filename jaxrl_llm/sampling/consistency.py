@@ -16,7 +16,7 @@ def mismatch_metrics(sampler_logp, trainer_logp, mask, *, threshold: float = 1e-
     * ``mismatch_frac_above``: fraction of tokens with ``|log pi - log mu| > threshold``.
 
     ``prefix`` replaces ``mismatch`` in the names (the trainer reports ``train_sampler_*`` from the update and
-    ``score_sampler_*`` / ``replay_sampler_*`` from a scoring pass).
+    ``score_sampler_*`` from a scoring pass).
     """
     m = mask.astype(bool)
     count = jnp.maximum(m.sum(), 1)

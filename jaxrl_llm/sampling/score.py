@@ -188,6 +188,13 @@ def rollout_logprobs_program(sampler, graphdef, state, rollout, *, temperature: 
     program ahead of time)."""
     if sampler.consistency == "exact":
         return sampler.score_exact_program(state, rollout, temperature)
+    return score_program(graphdef, state, rollout, temperature=temperature, chunk=chunk,
+                         forced_experts=forced_experts, group=group)
+
+
+def score_program(graphdef, state, rollout, *, temperature: float, chunk: int = 512, forced_experts=None,
+                  group: int = 1):
+    """``(jitted function, args, kwargs)`` of :func:`score` over a rollout's tokens (arrays may be abstract)."""
     args = (graphdef, state, rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask, forced_experts)
     return _jitted_score(), args, dict(temperature=float(temperature), chunk=chunk, layer=None, group=group)
 

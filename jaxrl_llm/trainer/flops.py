@@ -86,11 +86,11 @@ class StepPasses:
     critic_epochs: int = 0  # > 0: a separate critic (values forward + this many updates)
 
 
-def step_passes(cfg, *, old_logp_from_update: bool, bupo_warmup: bool, score_group: int,
+def step_passes(cfg, *, old_logp_pass: bool, bupo_warmup: bool, score_group: int,
                 update_group: int) -> StepPasses:
     """The passes a run config makes in a step (``score_group``/``update_group``: rows per shared prompt)."""
     a = cfg.algorithm
-    scoring = (0 if old_logp_from_update else 1) + (1 if a.kl_coef > 0 else 0) + (1 if bupo_warmup else 0)
+    scoring = (1 if old_logp_pass else 0) + (1 if a.kl_coef > 0 else 0) + (1 if bupo_warmup else 0)
     return StepPasses(scoring=scoring, scoring_shared=score_group > 1, update_epochs=a.ppo_epochs,
                       update_shared=update_group > 1, critic_epochs=a.ppo_epochs if a.advantage == "gae" else 0)
 

@@ -108,7 +108,7 @@ class RLTrainer:
         with blame("model.path", cfg.model.path):
             self.tokenizer = load_tokenizer(cfg.model.path, cache_dir=cfg.model.cache_dir)
         self.sampler = sampler = make_sampler(cfg, model)
-        self.learner = Learner(cfg, model, self.layout,
+        self.learner = Learner(cfg, model, self.layout, sampler=sampler,
                                critic_trunk=self._load_model()[0] if a.advantage == "gae" else None)
         ref_state = (nnx.merge_state(jax.tree.map(jnp.copy, self.learner.params), self.learner.rest)
                      if a.kl_coef > 0 else None)
@@ -177,7 +177,7 @@ class RLTrainer:
         self.step += 1
         metrics = {**update_metrics, **scores.metrics, **step.metrics, **({"bupo_warmup": 1.0} if bupo else {}),
                    **rollout_metrics(ro, step.rewards, batch.per_fn, cfg.rollout.n), **batch.stats, **times}
-        passes = step_passes(cfg, old_logp_from_update=self.scorer.from_update, bupo_warmup=bupo,
+        passes = step_passes(cfg, old_logp_pass=self.scorer.old_logp_source == "score", bupo_warmup=bupo,
                              score_group=self.scorer.prompt_group, update_group=learner.sharing.update_group)
         metrics.update(throughput(ro, sum(times.values()), self.model_cfg, passes, cfg.rollout.n, self.peak_tflops,
                                   len(self.devices)))

@@ -12,10 +12,10 @@ from jaxrl_llm.distributed import host
 from jaxrl_llm.parallel import Layout
 from jaxrl_llm.trainer.rollout import route_axis
 from jaxrl_llm.trainer.sharing import prompt_sharing
-from jaxrl_llm.sampling import (Rollout, layer_entropies, mismatch_metrics, rollout_logprobs_program, routing_agreement,
-                                score)
+from jaxrl_llm.sampling import Rollout, layer_entropies, mismatch_metrics, routing_agreement, score
+from jaxrl_llm.sampling.score import score_program
 
-__all__ = ["Scores", "Scorer", "old_logp_from_update"]
+__all__ = ["Scores", "Scorer", "old_logp_source"]
 
 # one program: op-by-op dispatch over a mesh puts many small independent collective programs in flight at once,
 # which XLA:CPU's in-process collectives can deadlock on
@@ -26,22 +26,32 @@ _mismatch_metrics = jax.jit(mismatch_metrics, static_argnames="prefix")
 class Scores:
     """What the scoring passes found (every array ``[N, R]``, 0 where the response mask is off)."""
 
-    old_logp: jax.Array | None  # the policy that sampled, trainer numerics; None: the update's own forward gives it
+    # the policy that sampled: the sampler's own log-probs in exact mode, else the trainer's forward; None: the
+    # update's own forward gives them
+    old_logp: jax.Array | None
     ref_logp: jax.Array | None = None  # the frozen reference policy (KL to it)
     values: jax.Array | None = None  # the critic's values
     bupo_old_logp: jax.Array | None = None  # the internal layer's policy during BuPO's warm-up
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def old_logp_from_update(cfg) -> bool:
-    """Whether old log-probs come from the update's own forward instead of a scoring pass: only for a single
-    update on fresh rollouts (the policy before it is the one that scores), when nothing needs them before
-    the update (rollout correction, KL to a reference, Differential Smoothing, BuPO) and the sampler is not
-    in exact mode (whose scoring pass replays the sampler's computation bit for bit)."""
+def old_logp_source(cfg) -> str:
+    """Where a step's old log-probs (the ratio's denominator) come from:
+
+    * ``"sampler"``: in ``exact`` consistency, the sampler's own; the update computes its log-probs with the
+      sampler's decode step, so at the sampler's weights they are equal bit for bit and no pass is needed;
+    * ``"update"``: the update's own forward (stop-gradient), for a single update on fresh rollouts (the policy
+      before it is the one that sampled) when nothing needs them before the update (rollout correction, KL to a
+      reference, Differential Smoothing, BuPO);
+    * ``"score"``: a scoring pass of the trainer's forward."""
     a = cfg.algorithm
-    return (a.old_logp == "auto" and a.ppo_epochs * a.minibatches == 1 and a.rollout_is == "none"
+    if cfg.rollout.consistency == "exact":
+        return "sampler"
+    if (a.old_logp == "auto" and a.ppo_epochs * a.minibatches == 1 and a.rollout_is == "none"
             and a.rollout_mask == "none" and a.kl_coef == 0 and not (a.ds_gamma_pos or a.ds_gamma_neg)
-            and not a.bupo_steps and cfg.rollout.consistency != "exact")
+            and not a.bupo_steps):
+        return "update"
+    return "score"
 
 
 def _rows(ro: Rollout, start: int, stop: int) -> Rollout:
@@ -50,9 +60,8 @@ def _rows(ro: Rollout, start: int, stop: int) -> Rollout:
 
 class Scorer:
     """Runs the scoring passes of a run config on the trainer's ``layout``: activations split by rows, each
-    layer's weights gathered (not for the sampler's exact replay, which runs the sampler's own program). Each pass
-    runs over micro-batches of whole groups (``trainer.sharing.prompt_sharing``), never every rollout row in one
-    forward (the exact replay runs the sampler's own batch).
+    layer's weights gathered. Each pass runs over micro-batches of whole groups (``trainer.sharing.prompt_sharing``),
+    never every rollout row in one forward.
 
     ``ref_state`` is the frozen reference policy (when the run has a KL term)."""
 
@@ -61,7 +70,8 @@ class Scorer:
         sharing = prompt_sharing(cfg)
         self.prompt_group, self.rows = sharing.score_group, sharing.score_rows
         self.ref_state = ref_state
-        self.from_update = old_logp_from_update(cfg)
+        self.old_logp_source = old_logp_source(cfg)
+        self.from_update = self.old_logp_source == "update"
 
     def _per_micro(self, fn, ro: Rollout):
         """``fn(micro-batch)`` over consecutive micro-batches of ``ro``'s rows (each placed over the row axes),
@@ -87,32 +97,30 @@ class Scorer:
         return self._per_micro(one, ro)
 
     def old_logp_program(self, state, ro: Rollout):
-        """``(jitted function, args, kwargs)`` of the old-log-prob pass over ``ro`` (arrays may be abstract: the
-        planner lowers it)."""
+        """``(jitted function, args, kwargs)`` of the old-log-prob pass over a micro-batch ``ro`` (arrays may be
+        abstract: the planner lowers it)."""
         cfg = self.cfg
-        return rollout_logprobs_program(self.sampler, self.graphdef, state, ro, temperature=cfg.rollout.temperature,
-                                        chunk=cfg.train.logprob_chunk, group=self.prompt_group,
-                                        forced_experts=ro.experts if cfg.rollout.routing_replay else None)
+        return score_program(self.graphdef, state, ro, temperature=cfg.rollout.temperature,
+                             chunk=cfg.train.logprob_chunk, group=self.prompt_group,
+                             forced_experts=ro.experts if cfg.rollout.routing_replay else None)
 
     def old_logp(self, state, ro: Rollout) -> jax.Array:
-        """The sampling policy's log-probs under the trainer's numerics (the sampler's own batch in exact mode)."""
+        """The sampling policy's log-probs under the trainer's forward."""
 
         def one(part: Rollout):
             fn, args, kwargs = self.old_logp_program(state, part)
             with self.layout.active():
                 return fn(*args, **kwargs)[0]
 
-        return one(ro) if self.cfg.rollout.consistency == "exact" else self._per_micro(one, ro)
+        return self._per_micro(one, ro)
 
     def __call__(self, state, ro: Rollout, *, critic=None, bupo: bool = False) -> Scores:
         """The passes ``state`` (the policy that sampled ``ro``) needs this step; ``critic`` gives values,
         ``bupo`` scores the warm-up's internal layer."""
-        scores = Scores(old_logp=None)
-        if not self.from_update:
+        scores = Scores(old_logp=ro.logprobs if self.old_logp_source == "sampler" else None)
+        if self.old_logp_source == "score":
             scores.old_logp = self.old_logp(state, ro)
-            # exact mode's scoring pass replays the sampler's computation: a replay, named as one
-            prefix = "replay_sampler" if self.cfg.rollout.consistency == "exact" else "score_sampler"
-            scores.metrics.update(_mismatch_metrics(ro.logprobs, scores.old_logp, ro.mask, prefix=prefix))
+            scores.metrics.update(_mismatch_metrics(ro.logprobs, scores.old_logp, ro.mask, prefix="score_sampler"))
         scores.metrics.update(self.diagnostics(state, ro))
         if self.ref_state is not None:
             scores.ref_logp = self._score(self.ref_state, ro, group=self.prompt_group)

@@ -10,7 +10,7 @@ from flax import nnx
 from jaxrl_llm.distributed import host
 from jaxrl_llm.losses import exploration as X
 from jaxrl_llm.parallel import Layout
-from jaxrl_llm.sampling import sequence_logprobs
+from jaxrl_llm.sampling import decode_logprobs, sequence_logprobs
 from jaxrl_llm.trainer.critic import Critic
 from jaxrl_llm.trainer.experience import CriticTargets
 from jaxrl_llm.trainer.optim import init_opt_state, run_optimizer
@@ -21,11 +21,24 @@ from jaxrl_llm.trainer.step import Experience, jit_update_step, minibatch_normal
 __all__ = ["Learner", "policy_logprob_fn", "build_update", "micro_shardings"]
 
 
-def policy_logprob_fn(cfg, group: int, layer: int | None = None):
+def policy_logprob_fn(cfg, group: int, layer: int | None = None, sampler=None):
     """``logprob_fn(model, experience)`` of the update: the current policy's log-probs and entropies of the
     experience's tokens at the rollout temperature, each prompt run once for its ``group`` rows (packed when the
-    experience carries a packing plan); ``layer`` reads out an internal layer's policy (BuPO)."""
+    experience carries a packing plan); ``layer`` reads out an internal layer's policy (BuPO).
+
+    In ``exact`` consistency they come from ``sampler``'s own prefill and decode step, differentiated
+    (``sampling.decode_logprobs``), over the step's rows as the sampler generated them."""
     temperature, chunk = cfg.rollout.temperature, cfg.train.logprob_chunk
+    if cfg.rollout.consistency == "exact" and layer is None:
+        if sampler is None:
+            raise ValueError("exact consistency's update runs the sampler's decode step: pass the sampler")
+
+        def exact_logprob_fn(model, exp: Experience):
+            return decode_logprobs(sampler.graphdef, nnx.state(model), exp.prompt_ids, exp.prompt_mask, exp.tokens,
+                                   exp.mask, n=cfg.rollout.n, temperature=temperature,
+                                   cache_dtype=sampler.cache_dtype, compute_dtype=sampler.compute_dtype)
+
+        return exact_logprob_fn
 
     def logprob_fn(model, exp: Experience):
         return sequence_logprobs(model, exp.prompt_ids, exp.prompt_mask, exp.tokens, exp.mask,
@@ -35,14 +48,15 @@ def policy_logprob_fn(cfg, group: int, layer: int | None = None):
     return logprob_fn
 
 
-def build_update(cfg, graphdef, optimizer, params, rest, opt_state, *, layer: int | None = None):
+def build_update(cfg, graphdef, optimizer, params, rest, opt_state, *, layer: int | None = None, sampler=None):
     """The jitted update step of a run config for parameters, state and optimizer state placed as given (the
-    program the trainer runs, and the one the planner compiles); ``layer`` trains an internal layer's policy."""
+    program the trainer runs, and the one the planner compiles); ``layer`` trains an internal layer's policy;
+    ``sampler`` is the run's sampler (``exact`` consistency differentiates its decode step)."""
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     # Dr. GRPO's constant normaliser is the generation budget unless set: responses are trimmed to the longest
     # sampled one, so the padded length would change from step to step
     return jit_update_step(graphdef, optimizer, cfg.algorithm,
-                           policy_logprob_fn(cfg, prompt_sharing(cfg).update_group, layer),
+                           policy_logprob_fn(cfg, prompt_sharing(cfg).update_group, layer, sampler),
                            shardings(params), shardings(rest), shardings(opt_state),
                            agg_constant=cfg.algorithm.agg_constant or float(cfg.rollout.max_new_tokens))
 
@@ -61,11 +75,12 @@ def _take(exp: Experience, idx) -> Experience:
 
 class Learner:
     """The trained policy (parameters, optimizer state, the jitted update) of a run config on ``layout``, and the
-    critic when the run has one (``critic_trunk``: a fresh copy of the policy model)."""
+    critic when the run has one (``critic_trunk``: a fresh copy of the policy model). ``sampler`` is the run's
+    sampler: ``exact`` consistency's update differentiates its decode step."""
 
-    def __init__(self, cfg, model, layout: Layout, *, critic_trunk=None):
+    def __init__(self, cfg, model, layout: Layout, *, critic_trunk=None, sampler=None):
         a, t = cfg.algorithm, cfg.train
-        self.cfg, self.layout = cfg, layout
+        self.cfg, self.layout, self.sampler = cfg, layout, sampler
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
         self.optimizer = run_optimizer(cfg)
         self.opt_state = init_opt_state(self.optimizer, self.params, layout.replicated())
@@ -84,7 +99,7 @@ class Learner:
 
     def _jit_update(self, layer):
         return build_update(self.cfg, self.graphdef, self.optimizer, self.params, self.rest, self.opt_state,
-                            layer=layer)
+                            layer=layer, sampler=self.sampler)
 
     def policy_state(self):
         return nnx.merge_state(self.params, self.rest)
@@ -130,16 +145,24 @@ class Learner:
 
     def _minibatches(self, exp: Experience, step: int):
         """``(row indices, experience)`` of every minibatch of every epoch; whole groups are shuffled when updates
-        share prompts, so every micro-batch holds whole groups."""
+        share prompts, so every micro-batch holds whole groups. In ``exact`` consistency a minibatch is the whole
+        batch as sampled with the other minibatches' responses masked out: the update runs the sampler's decode
+        step, whose rows round as the sampler's only in a batch like the sampler's."""
         a, g = self.cfg.algorithm, self.sharing.update_group
         rows = exp.num_rows
         mb = rows // a.minibatches
+        exact = self.cfg.rollout.consistency == "exact"
         for epoch in range(a.ppo_epochs):
             groups = np.random.default_rng((self.cfg.train.seed, step, epoch)).permutation(rows // g)
             perm = (groups[:, None] * g + np.arange(g)).reshape(-1)
             for i in range(a.minibatches):
                 idx = jnp.asarray(perm[i * mb:(i + 1) * mb])
-                yield idx, _take(exp, idx)
+                if exact:
+                    keep = np.zeros((rows, 1), bool)
+                    keep[perm[i * mb:(i + 1) * mb]] = True
+                    yield idx, exp.replace(mask=exp.mask & jnp.asarray(keep))
+                else:
+                    yield idx, _take(exp, idx)
 
     def _update_minibatch(self, part: Experience, step: int, j: int, *, bupo: bool) -> dict:
         cfg = self.cfg
