@@ -146,13 +146,14 @@ def compare_exact(steps: int) -> None:
     med = {m: statistics.median(t[WARMUP:]) for m, t in times.items()}
     rollout = {m: statistics.median([a + b for a, b in zip(p["rollout_reward"][WARMUP:], p["score"][WARMUP:])])
                for m, p in phases.items()}
+    update = {m: statistics.median(p["update"][WARMUP:]) for m, p in phases.items()}
     print(f"batch: {PROMPTS} prompts x {N} samples, <= {PROMPT_LEN} prompt tokens, <= {NEW} new tokens, "
           f"CPU ({machine()})")
     for mode in times:
-        print(f"{mode:8s} s/step: {med[mode]:.3f}, rollout + scoring {rollout[mode]:.3f}  "
+        print(f"{mode:8s} s/step: {med[mode]:.3f}, rollout + scoring {rollout[mode]:.3f}, update {update[mode]:.3f}  "
               f"(all steps: {np.round(times[mode], 3).tolist()})")
     print(f"exact/default: step {med['exact'] / med['default']:.2f}x, rollout + scoring "
-          f"{rollout['exact'] / rollout['default']:.2f}x")
+          f"{rollout['exact'] / rollout['default']:.2f}x, update {update['exact'] / update['default']:.2f}x")
 
 
 def main() -> None:

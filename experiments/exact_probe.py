@@ -1,6 +1,8 @@
 """Where the update's log-probs and the sampler's part (float32, tiny Qwen3, one device): hidden states of one
 decode step per token against one forward over the response (the update's shared-prompt path), and the
-sampler's log-softmax against the chunked log-prob kernel on the same logits. Findings: docs/features.md.
+sampler's log-softmax against the chunked log-prob kernel on the same logits; and exact mode's teacher-forced decode
+loop under ``jax.grad``, differentiated directly and through ``sampling.decode_logprobs``. Findings:
+docs/features.md.
 
     python experiments/exact_probe.py
 """
@@ -95,6 +97,40 @@ def logits_probe():
         return jnp.take_along_axis(zs, tok[..., None], axis=-1)[..., 0] - lse_s
     b = jax.jit(stats)(z_model)
     print("log-softmax: sampler formula vs chunked formula, same logits", float(jnp.abs(a - b).max()))
+
+
+def grad_probe(moe=False, new=10):
+    """Forward log-probs inside a gradient program against the sampler's: the teacher-forced decode loop
+    differentiated directly, and through decode_logprobs (forward = the plain loop, backward = a recomputation)."""
+    from jaxrl_llm.compile_options import compiler_options
+    from jaxrl_llm.sampling import decode_logprobs
+    from jaxrl_llm.sampling.sampler import _score_exact
+
+    model = Decoder(cfg(moe), rngs=nnx.Rngs(0))
+    model.embed[...] = model.embed[...] * 20.0
+    graphdef, state = nnx.split(model)
+    sampler = Sampler(model, consistency="exact")
+    ids = jnp.array([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5], [0, 9, 8, 7, 6]], jnp.int32)
+    mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]], bool)
+    ro = sampler.generate(state, ids, mask, SamplingParams(temperature=0.8, max_new_tokens=new, n=2),
+                          jax.random.key(1))
+    kw = dict(n=2, temperature=0.8, cache_dtype=sampler.cache_dtype, compute_dtype=None)
+    args = (ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask)
+    ways = {"differentiated directly": lambda st: _score_exact(sampler.graphdef, st, *args, **kw),
+            "decode_logprobs": lambda st: decode_logprobs(sampler.graphdef, st, *args, **kw)}
+    mk = np.asarray(ro.mask)
+    for name, fn in ways.items():
+        def loss(st, fn=fn):
+            logp, ent = fn(st)
+            return jnp.sum(0.3 * logp) + jnp.sum(0.1 * ent), logp
+        (_, logp), _ = jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=compiler_options())(state)
+        diff = np.abs(np.asarray(logp) - np.asarray(ro.logprobs))[mk]
+        print(f"{'moe' if moe else 'dense'} under jax.grad, {name}: {int((diff > 0).sum())} of {diff.size} "
+              f"tokens differ from the sampler's, by at most {diff.max():.2g}")
+
+
 if __name__ == "__main__":
     run(False, jnp.float32, "auto")
     logits_probe()
+    grad_probe(False)
+    grad_probe(True)

@@ -135,16 +135,17 @@ def _generate_rows(graphdef, state, prompt_ids, prompt_mask, key, row_stop, row_
 
 
 def _score_exact(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, n: int, temperature: float,
-                 cache_dtype, compute_dtype):
+                 cache_dtype, compute_dtype, unroll: int | None = None):
     """Teacher-force ``tokens`` through the sampler's own prefill and decode step (bitwise-equal log-probs); the
-    rows' prompts come in groups of ``n`` equal ones, as the sampler returned them."""
+    rows' prompts come in groups of ``n`` equal ones, as the sampler returned them. ``unroll``: decode steps per
+    loop iteration (None: 4, 2 or 1, the largest that divides the step count)."""
     with static_decode_blocks():
         return _teacher_forced(graphdef, state, prompt_ids, prompt_mask, tokens, mask, n=n, temperature=temperature,
-                               cache_dtype=cache_dtype, compute_dtype=compute_dtype)
+                               cache_dtype=cache_dtype, compute_dtype=compute_dtype, unroll=unroll)
 
 
 def _teacher_forced(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, n: int, temperature: float,
-                    cache_dtype, compute_dtype):
+                    cache_dtype, compute_dtype, unroll: int | None):
     model = _sampling_model(graphdef, state, compute_dtype)
     prompt_ids, prompt_mask = prompt_ids[::n], prompt_mask[::n]
     r = tokens.shape[1]
@@ -163,7 +164,7 @@ def _teacher_forced(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, n
     # XLA run them alongside the next decode steps. The unroll must divide the step count: the remainder steps of
     # an uneven unroll compile separately, and their attention rounds differently from the sampler's
     # (tests/test_sampling.py checks bitwise equality for dense and MoE models with unrolls of 1, 2 and 4)
-    unroll = 4 if r % 4 == 0 else 2 if r % 2 == 0 else 1
+    unroll = unroll or (4 if r % 4 == 0 else 2 if r % 2 == 0 else 1)
     _, (logp, ent) = jax.lax.scan(step, (cache, logits), (jnp.arange(r), tokens.T), unroll=unroll)
     return jnp.where(mask, logp.T, 0.0), jnp.where(mask, ent.T, 0.0)
 
@@ -180,7 +181,9 @@ def decode_logprobs(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, n
     ``experiments/exact_probe.py``). The recomputation keeps the loop's activations for every decode step, so its
     memory grows with the square of the response length.
     """
-    kwargs = dict(n=n, temperature=temperature, cache_dtype=cache_dtype, compute_dtype=compute_dtype)
+    # one decode step per loop iteration: the loop is compiled three times over (forward, recomputation, backward)
+    # and XLA's compile time grows with its body
+    kwargs = dict(n=n, temperature=temperature, cache_dtype=cache_dtype, compute_dtype=compute_dtype, unroll=1)
     forward = functools.partial(_score_exact, graphdef, **kwargs)
 
     @jax.custom_vjp
@@ -216,15 +219,15 @@ class Sampler:
 
     Args:
       model: the policy (only its structure is kept; pass the current state to :meth:`generate`).
-      consistency: ``"default"`` (sampler and :func:`score` agree to ~1e-6 in fp32) or ``"exact"`` (the scorer
-        replays the sampler's own prefill/decode computation, so log-probs are bitwise equal; it needs the same
-        rows, padding and ``n`` as the rollout).
+      consistency: ``"default"`` (sampler and :func:`score` agree to ~1e-6 in fp32) or ``"exact"`` (decode steps
+        that :func:`decode_logprobs` can differentiate; it and :meth:`score_exact` recompute the sampler's
+        log-probs bit for bit from the same rows, padding and ``n`` as the rollout).
       compute_dtype: sample in another precision than the model's (e.g. ``jnp.bfloat16`` with an fp32 trainer).
       compact_rows: once at most half of the decode batch is still generating, those rows move into a batch of
         half the size, down to ``compact_rows`` rows (default 8; ``0`` turns compaction off). Finished rows
         otherwise cost as much per step as active ones. With the prompts sharded by rows, each shard compacts its
         own rows (nothing moves between devices). Rows in a smaller batch round slightly differently (about 1e-7
-        in the logits), so ``exact`` mode, whose scorer replays the full batch, does not compact.
+        in the logits), so ``exact`` mode, whose update runs the full batch, does not compact.
     """
 
     CONSISTENCY_MODES = ("default", "exact")
