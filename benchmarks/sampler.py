@@ -3,8 +3,8 @@
 Model: a tiny random Qwen3 (vocab 1024, hidden 256, 4 layers, 4 heads, 2 KV heads, head_dim 64, MLP 768, fp32).
 Work: 32 prompts x 32 tokens -> 64 new tokens each (no stop token, so both generate exactly 64).
 Also: the cost of a rollout in `exact` consistency mode relative to the default mode (exact mode's decode steps
-visit the KV cache's key blocks in a loop of static length, which its update can differentiate; its old log-probs
-are the sampler's own, so no scoring pass follows); and, on rollouts where rows stop
+visit the KV cache's key blocks in a loop of static length, the loop its update's decode pass runs; its old
+log-probs are the sampler's own, so no scoring pass follows); and, on rollouts where rows stop
 at different lengths (any of 32 stop tokens ends a row), the rollout with the decode batch compacted as rows
 finish (the default) against one full-width loop.
 

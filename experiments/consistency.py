@@ -1,8 +1,8 @@
 """Training-inference mismatch on the main-job task: a real mismatch, corrected or not.
 
 Dense policy: a bfloat16 sampler with the float32 trainer, trained with no correction, with token-level truncated
-IS (C = 2) and with token-level masked IS (band [0.5, 2]); the ``exact`` consistency mode (the update
-differentiates the sampler's own decode step: its log-probs are the sampler's bit for bit) is the control. MoE
+IS (C = 2) and with token-level masked IS (band [0.5, 2]); the ``exact`` consistency mode (the log-probs
+the update differentiates come from the sampler's own decode step: the sampler's bit for bit) is the control. MoE
 policy (same recipe, 4 experts, top-2): a bfloat16 sampler whose routing the trainer either recomputes (no replay) or replays. Stale
 sampler (dense): the sampler reads the weights of ``--lag`` steps before (``rollout.sampler_lag``), trained with no
 correction, with TIS and with masked IS, against ``exact`` mode. Same SFT checkpoint, seed and budget per group.
@@ -24,7 +24,7 @@ TIS = ["algorithm.rollout_is=token", "algorithm.rollout_is_cap=2"]
 MASKED_IS = ["algorithm.rollout_mask=token", "algorithm.rollout_mask_low=0.5", "algorithm.rollout_mask_high=2"]
 DENSE = {
     # exact mode's update runs the sampler's whole batch (16 prompts x 8 samples) as one micro-batch
-    "exact (control)": ["rollout.consistency=exact", "train.micro_batch_size=128"],
+    "exact (control)": ["rollout.consistency=exact"],
     "bf16, no correction": [BF16],
     "bf16 + TIS": [BF16, *TIS],
     "bf16 + masked IS": [BF16, *MASKED_IS],

@@ -101,10 +101,11 @@ def logits_probe():
 
 def grad_probe(moe=False, new=10):
     """Forward log-probs inside a gradient program against the sampler's: the teacher-forced decode loop
-    differentiated directly, and through decode_logprobs (forward = the plain loop, backward = a recomputation)."""
+    differentiated directly, and through decode_logprobs (the plain loop's values with the full-sequence forward's
+    gradient)."""
     from jaxrl_llm.compile_options import compiler_options
     from jaxrl_llm.sampling import decode_logprobs
-    from jaxrl_llm.sampling.sampler import _score_exact
+    from jaxrl_llm.sampling.sampler import teacher_forced_logprobs
 
     model = Decoder(cfg(moe), rngs=nnx.Rngs(0))
     model.embed[...] = model.embed[...] * 20.0
@@ -116,7 +117,7 @@ def grad_probe(moe=False, new=10):
                           jax.random.key(1))
     kw = dict(n=2, temperature=0.8, cache_dtype=sampler.cache_dtype, compute_dtype=None)
     args = (ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask)
-    ways = {"differentiated directly": lambda st: _score_exact(sampler.graphdef, st, *args, **kw),
+    ways = {"differentiated directly": lambda st: teacher_forced_logprobs(sampler.graphdef, st, *args, **kw),
             "decode_logprobs": lambda st: decode_logprobs(sampler.graphdef, st, *args, **kw)}
     mk = np.asarray(ro.mask)
     for name, fn in ways.items():

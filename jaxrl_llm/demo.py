@@ -1,8 +1,8 @@
 """A short end-to-end demonstration on the CPU: GRPO teaches a tiny random policy to prefer one token.
 
-Everything is the real machinery: the Flax decoder, the jitted sampler in ``exact`` consistency (the update
-differentiates the sampler's own decode step), the group-relative advantages, the PPO-clip loss and an optax
-update. The reward is the
+Everything is the real machinery: the Flax decoder, the jitted sampler in ``exact`` consistency (the log-probs
+the update differentiates are computed by the sampler's own decode step), the group-relative advantages, the
+PPO-clip loss and an optax update. The reward is the
 fraction of generated tokens equal to a target token, so its rise is visible within a few dozen steps.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ def run_demo(seed: int = 0, steps: int = 30, prompts: int = 8, n: int = 8, new_t
     opt_state = optimizer.init(params)
     sample = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, n=n)
 
-    def logprob_fn(m, exp: Experience):  # the sampler's decode step over its own batch, differentiated
+    def logprob_fn(m, exp: Experience):  # values: the sampler's decode step over its own batch
         return decode_logprobs(sampler.graphdef, nnx.state(m), exp.prompt_ids, exp.prompt_mask, exp.tokens, exp.mask,
                                n=n, temperature=1.0, cache_dtype=sampler.cache_dtype)
 

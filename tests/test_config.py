@@ -33,8 +33,6 @@ def test_merge_order_and_types(tmp_path):
     (["rollout.consistency=exact", "rollout.sampler_dtype=bfloat16"], "rollout.sampler_dtype"),
     (["rollout.consistency=exact", "rollout.compact_rows=8"], "rollout.compact_rows: exact consistency"),
     (["rollout.compact_rows=-1"], "rollout.compact_rows: must be >= 0"),
-    (["rollout.consistency=exact"], "train.micro_batch_size: exact consistency's update runs the sampler's whole "
-                                    "batch at once: set it to train.prompts_per_step x rollout.n = 64"),
     (["data.source=jsonl"], "data.path"),
     (["train.steps"], "section.key=value"),
 ])

@@ -56,6 +56,13 @@ def test_step_passes_and_totals():
     passes = step_passes(ppo, old_logp_pass=True, bupo_warmup=False, score_group=1, update_group=1)
     out = rl_step_flops(TINY, PROMPTS, RESPONSES, passes)
     assert out["critic"] == (1 + 3 * 2) * (2304 * 23 + 64 * 85) and out["update"] == 6 * unshared
+    # exact consistency: each of 2 epochs x 2 minibatches decodes the whole batch (prompts shared) before its
+    # forward and backward; none during a BuPO warm-up, which trains a layer's read-out
+    exact = _cfg("rollout.consistency=exact", "algorithm.ppo_epochs=2", "algorithm.minibatches=2")
+    passes = step_passes(exact, old_logp_pass=False, bupo_warmup=False, score_group=2, update_group=1)
+    out = rl_step_flops(TINY, PROMPTS, RESPONSES, passes)
+    assert passes.update_decodes == 4 and out["update"] == 6 * unshared + 4 * shared
+    assert step_passes(exact, old_logp_pass=False, bupo_warmup=True, score_group=2, update_group=1).update_decodes == 0
     with pytest.raises(ValueError, match="response_lengths must be"):
         forward_flops(TINY, [3], [2, 1], shared=True)
 

@@ -18,7 +18,7 @@ from jaxrl_llm.sampling import (FINISH_LENGTH, FINISH_STOP, Sampler, SamplingPar
 from jaxrl_llm.compile_options import compiler_options
 from jaxrl_llm.sampling.filters import gumbel_noise
 from jaxrl_llm.sampling.decode import compaction_sizes
-from jaxrl_llm.sampling.sampler import _batch_shards
+from jaxrl_llm.sampling.sampler import _batch_shards, teacher_forced_logprobs
 from jaxrl_llm.trainer.packing import plan_packing
 
 score_module = importlib.import_module("jaxrl_llm.sampling.score")  # the package exports a function `score`
@@ -264,38 +264,38 @@ def test_shared_prompt_scoring_equals_the_full_forward(moe, remat, packed):
 
 
 @pytest.mark.parametrize("moe,key_block", [(False, None), (True, None), (False, 4)])
-def test_decode_logprobs_are_the_samplers_and_differentiate_like_the_full_forward(moe, key_block, monkeypatch):
-    # exact mode's update: the forward values under jax.grad are the sampler's bit for bit, and the gradient is
-    # the policy's (the full-sequence forward's, replaying the sampler's routing, agrees to rounding). With key
-    # blocks of 4 slots the decode steps visit the 15-slot cache in a loop (3 full blocks and a cut one)
+def test_decode_logprobs_are_the_samplers_and_differentiate_like_the_decode_loop(moe, key_block, monkeypatch):
+    # exact mode's update: the forward values under jax.grad are the sampler's bit for bit, and the gradient (the
+    # full-sequence forward's) is the decode loop's own gradient to rounding. With key blocks of 4 slots the decode
+    # steps visit the 15-slot cache in a loop (3 full blocks and a cut one)
     if key_block:
         monkeypatch.setattr(attention, "KEY_BLOCK", key_block)
     model = _model(moe, scale=20.0)
-    graphdef, state = nnx.split(model)
+    _, state = nnx.split(model)
     sampler = Sampler(model, consistency="exact")
     ro = sampler.generate(state, *_prompts(), SamplingParams(temperature=0.8, max_new_tokens=10, n=2),
                           jax.random.key(1))
     weights = jax.random.normal(jax.random.key(2), ro.tokens.shape)
+    args = (ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask)
+    kw = dict(n=2, temperature=0.8, cache_dtype=sampler.cache_dtype)
 
     def loss(logp, ent):
         return jnp.sum(weights * logp) + 0.1 * jnp.sum(ent)
 
     def exact(st):
-        logp, ent = decode_logprobs(sampler.graphdef, st, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask, n=2,
-                                    temperature=0.8, cache_dtype=sampler.cache_dtype)
+        logp, ent = decode_logprobs(sampler.graphdef, st, *args, **kw)
         return loss(logp, ent), logp
 
-    def full(st):
-        logp, ent = sequence_logprobs(nnx.merge(graphdef, st), ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
-                                      temperature=0.8, forced_experts=ro.experts)
+    def loop(st):  # the decode loop differentiated directly: its values round apart, its gradient is the reference
+        logp, ent = teacher_forced_logprobs(sampler.graphdef, st, *args, compute_dtype=None, unroll=1, **kw)
         return loss(logp, ent), logp
 
     grad = functools.partial(jax.jit, compiler_options=compiler_options())
     (_, logp), g = grad(jax.value_and_grad(exact, has_aux=True))(state)
-    (_, logp_full), g_full = grad(jax.value_and_grad(full, has_aux=True))(state)
+    (_, logp_loop), g_loop = grad(jax.value_and_grad(loop, has_aux=True))(state)
     np.testing.assert_array_equal(np.asarray(logp), np.asarray(ro.logprobs))
-    assert np.abs(np.asarray(logp_full) - np.asarray(logp)).max() < 1e-5  # the full forward rounds apart
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_full)):
+    assert np.abs(np.asarray(logp_loop) - np.asarray(logp)).max() < 1e-5
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_loop)):
         scale = float(jnp.max(jnp.abs(b)))
         assert scale > 0
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4 * scale)

@@ -132,13 +132,6 @@ def _check_rollout(cfg: TrainConfig) -> None:
         _require(r.consistency == "default" or r.sampler_dtype == cfg.model.dtype, "rollout.sampler_dtype",
                  f"{r.sampler_dtype} differs from model.dtype={cfg.model.dtype}, which needs "
                  "rollout.consistency=default (exact consistency samples with the trainer's numerics)")
-    if r.consistency == "exact":
-        rows = cfg.train.prompts_per_step * r.n
-        # the update runs the sampler's decode step on the rows as sampled: a row rounds as the sampler's did only
-        # in a batch of the sampler's size (several minibatches mask each other's responses out)
-        _require(cfg.train.micro_batch_size == rows, "train.micro_batch_size",
-                 f"exact consistency's update runs the sampler's whole batch at once: set it to "
-                 f"train.prompts_per_step x rollout.n = {rows}, got {cfg.train.micro_batch_size}")
 
 
 def _check_algorithm(cfg: TrainConfig) -> None:
@@ -249,7 +242,7 @@ def _check_train(cfg: TrainConfig, device_count: int | None) -> None:
     _require(rows % a.minibatches == 0, "algorithm.minibatches",
              f"{rows} responses per step (train.prompts_per_step={t.prompts_per_step} x rollout.n={r.n}) do not "
              f"split into {a.minibatches} equal minibatches")
-    # exact consistency's update runs the whole batch, masking out the other minibatches' responses
+    # exact consistency's update decodes the whole batch as sampled, masking out the other minibatches' responses
     mb = rows if r.consistency == "exact" else rows // a.minibatches
     _require(t.micro_batch_size >= 1 and mb % t.micro_batch_size == 0, "train.micro_batch_size",
              f"a minibatch of {mb} responses does not split into micro-batches of {t.micro_batch_size}")

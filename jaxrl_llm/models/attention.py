@@ -195,8 +195,9 @@ def _online_update(carry, scores, allowed, values_of):
 
 # Decode steps traced under static_decode_blocks() visit the cache's key blocks in a loop of static length (every
 # full block, the unfilled ones skipped by a conditional) instead of one that stops at the newest slot: the
-# dynamic loop cannot be differentiated in reverse mode, and exact consistency's update differentiates the decode
-# step. Its sampler runs the same loop, so that both compile the same arithmetic.
+# dynamic loop cannot be differentiated in reverse mode. Exact consistency's sampler and its update's decode pass
+# run this loop, so the decode loop whose values exact mode uses can be differentiated (the tests compare its
+# gradient with the one exact mode takes), and both compile the same arithmetic.
 _STATIC_DECODE_BLOCKS = contextvars.ContextVar("static_decode_blocks", default=False)
 
 

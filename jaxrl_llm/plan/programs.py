@@ -109,7 +109,7 @@ def _update_program(cfg, mc, layout, model, graphdef, params, rest, opt_state, o
     from jaxrl_llm.trainer.rl import make_sampler
     from jaxrl_llm.trainer.update import build_update
 
-    # exact consistency's update differentiates the sampler's decode step
+    # exact consistency's update runs a decode pass with the sampler's decode step
     sampler = make_sampler(cfg, model) if cfg.rollout.consistency == "exact" else None
     step = build_update(cfg, graphdef, optimizer, params, rest, opt_state, sampler=sampler)
     micro = _micro_batches(cfg, mc, layout, s)

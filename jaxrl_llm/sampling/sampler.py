@@ -27,8 +27,10 @@ from jaxrl_llm.models.attention import static_decode_blocks
 from jaxrl_llm.parallel import active_row_ways, constrain_unembedding
 from jaxrl_llm.sampling.decode import RowLimits, decode_loop, initial_state, token_logprob
 from jaxrl_llm.sampling.filters import SamplingParams
+from jaxrl_llm.sampling.score import sequence_logprobs
 
-__all__ = ["Rollout", "Sampler", "FINISH_STOP", "FINISH_LENGTH", "decode_logprobs"]
+__all__ = ["Rollout", "Sampler", "FINISH_STOP", "FINISH_LENGTH", "decode_logprobs", "teacher_forced_logprobs",
+           "values_with_gradient"]
 
 FINISH_STOP = 0
 FINISH_LENGTH = 1
@@ -99,7 +101,7 @@ def _sampling_model(graphdef, state, compute_dtype) -> Decoder:
 
 def _generate(graphdef, state, prompt_ids, prompt_mask, key, row_stop, row_max_new, *, params: SamplingParams,
               cache_dtype, compute_dtype, compact_rows: int = 0, shards: int = 1, exact: bool = False):
-    # exact mode's decode steps are those its update differentiates (attention.static_decode_blocks)
+    # exact mode's decode steps are those of its update's decode pass (attention.static_decode_blocks)
     with static_decode_blocks(exact):
         return _generate_rows(graphdef, state, prompt_ids, prompt_mask, key, row_stop, row_max_new, params=params,
                               cache_dtype=cache_dtype, compute_dtype=compute_dtype, compact_rows=compact_rows,
@@ -134,8 +136,8 @@ def _generate_rows(graphdef, state, prompt_ids, prompt_mask, key, row_stop, row_
     )
 
 
-def _score_exact(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, n: int, temperature: float,
-                 cache_dtype, compute_dtype, unroll: int | None = None):
+def teacher_forced_logprobs(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, n: int, temperature: float,
+                            cache_dtype, compute_dtype=None, unroll: int | None = None):
     """Teacher-force ``tokens`` through the sampler's own prefill and decode step (bitwise-equal log-probs); the
     rows' prompts come in groups of ``n`` equal ones, as the sampler returned them. ``unroll``: decode steps per
     loop iteration (None: 4, 2 or 1, the largest that divides the step count)."""
@@ -169,35 +171,45 @@ def _teacher_forced(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, n
     return jnp.where(mask, logp.T, 0.0), jnp.where(mask, ent.T, 0.0)
 
 
-def decode_logprobs(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, n: int, temperature: float,
-                    cache_dtype, compute_dtype=None):
-    """Differentiable per-token (log-prob, entropy) of ``tokens`` computed by the sampler's own prefill and decode
-    step (``exact`` mode's update): for the sampler's weights and batch they are the sampler's log-probs bit for bit.
-
-    Under ``jax.grad`` the forward runs exactly the teacher-forced decode loop (its only residuals are its
-    inputs); the backward pass recomputes that loop and differentiates it. Differentiating the loop directly would
-    change the forward: XLA compiles a loop that also emits residuals differently, and a few log-probs then round
-    apart from the sampler's (3 to 5 tokens in 60, by up to 4.8e-7, on a tiny float32 model:
-    ``experiments/exact_probe.py``). The recomputation keeps the loop's activations for every decode step, so its
-    memory grows with the square of the response length.
-    """
-    # one decode step per loop iteration: the loop is compiled three times over (forward, recomputation, backward)
-    # and XLA's compile time grows with its body
-    kwargs = dict(n=n, temperature=temperature, cache_dtype=cache_dtype, compute_dtype=compute_dtype, unroll=1)
-    forward = functools.partial(_score_exact, graphdef, **kwargs)
+def values_with_gradient(values, fn, *args):
+    """``values`` (a pytree shaped like ``fn(*args)``: the same function of ``args`` computed another way) with
+    the gradient of ``fn``: under differentiation, the cotangents of ``values`` flow back through ``fn``'s
+    vector-Jacobian product at ``args``. No gradient flows through ``values`` themselves."""
 
     @jax.custom_vjp
-    def run(state, prompt_ids, prompt_mask, tokens, mask):
-        return forward(state, prompt_ids, prompt_mask, tokens, mask)
+    def run(values, args):
+        return values
 
-    def run_fwd(*args):
-        return forward(*args), args
+    def run_fwd(values, args):
+        return values, args
 
     def run_bwd(args, cotangents):
-        return jax.vjp(forward, *args)[1](cotangents)
+        return jax.tree.map(jnp.zeros_like, cotangents), jax.vjp(fn, *args)[1](cotangents)
 
     run.defvjp(run_fwd, run_bwd)
-    return run(state, prompt_ids, prompt_mask, tokens, mask)
+    return run(jax.lax.stop_gradient(values), args)
+
+
+def decode_logprobs(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, n: int, temperature: float,
+                    cache_dtype, compute_dtype=None):
+    """Differentiable per-token (log-prob, entropy) of ``tokens`` whose values are computed by the sampler's own
+    prefill and decode step (``exact`` mode's values): for the sampler's weights and batch they are the sampler's
+    log-probs bit for bit.
+
+    The gradient is that of the full-sequence forward (:func:`jaxrl_llm.sampling.score.sequence_logprobs`, each
+    prompt run once for its ``n`` rows): the same function of the weights, computed in parallel over positions
+    (:func:`values_with_gradient`). Differentiating the decode loop itself would also change its values: XLA
+    compiles a loop that emits residuals differently, and a few log-probs round apart from the sampler's
+    (``experiments/exact_probe.py``)."""
+    values = teacher_forced_logprobs(graphdef, jax.lax.stop_gradient(state), prompt_ids, prompt_mask, tokens, mask,
+                                     n=n, temperature=temperature, cache_dtype=cache_dtype,
+                                     compute_dtype=compute_dtype)
+
+    def full_forward(state, prompt_ids, prompt_mask, tokens, mask):
+        return sequence_logprobs(_sampling_model(graphdef, state, compute_dtype), prompt_ids, prompt_mask, tokens,
+                                 mask, temperature=temperature, group=n)
+
+    return values_with_gradient(values, full_forward, state, prompt_ids, prompt_mask, tokens, mask)
 
 
 def _check_prompts(prompt_ids, prompt_mask) -> None:
@@ -220,7 +232,7 @@ class Sampler:
     Args:
       model: the policy (only its structure is kept; pass the current state to :meth:`generate`).
       consistency: ``"default"`` (sampler and :func:`score` agree to ~1e-6 in fp32) or ``"exact"`` (decode steps
-        that :func:`decode_logprobs` can differentiate; it and :meth:`score_exact` recompute the sampler's
+        that :func:`teacher_forced_logprobs` reproduces; it and :meth:`score_exact` recompute the sampler's
         log-probs bit for bit from the same rows, padding and ``n`` as the rollout).
       compute_dtype: sample in another precision than the model's (e.g. ``jnp.bfloat16`` with an fp32 trainer).
       compact_rows: once at most half of the decode batch is still generating, those rows move into a batch of
@@ -269,7 +281,7 @@ class Sampler:
                                  static_argnames=("params", "cache_dtype", "compute_dtype", "compact_rows", "shards",
                                                   "exact"),
                                  compiler_options=options)
-        self._score_exact = jax.jit(_score_exact, static_argnums=(0,),
+        self._score_exact = jax.jit(teacher_forced_logprobs, static_argnums=(0,),
                                     static_argnames=("n", "temperature", "cache_dtype", "compute_dtype"),
                                     compiler_options=options)
 

@@ -84,6 +84,7 @@ class StepPasses:
     update_epochs: int  # forward + backward over the batch, this many times
     update_shared: bool
     critic_epochs: int = 0  # > 0: a separate critic (values forward + this many updates)
+    update_decodes: int = 0  # exact consistency: a decode pass over the whole batch (prompts shared) per update
 
 
 def step_passes(cfg, *, old_logp_pass: bool, bupo_warmup: bool, score_group: int,
@@ -91,8 +92,10 @@ def step_passes(cfg, *, old_logp_pass: bool, bupo_warmup: bool, score_group: int
     """The passes a run config makes in a step (``score_group``/``update_group``: rows per shared prompt)."""
     a = cfg.algorithm
     scoring = (1 if old_logp_pass else 0) + (1 if a.kl_coef > 0 else 0) + (1 if bupo_warmup else 0)
+    exact = cfg.rollout.consistency == "exact" and not bupo_warmup  # a BuPO warm-up trains a layer's read-out
     return StepPasses(scoring=scoring, scoring_shared=score_group > 1, update_epochs=a.ppo_epochs,
-                      update_shared=update_group > 1, critic_epochs=a.ppo_epochs if a.advantage == "gae" else 0)
+                      update_shared=update_group > 1, critic_epochs=a.ppo_epochs if a.advantage == "gae" else 0,
+                      update_decodes=a.ppo_epochs * a.minibatches if exact else 0)
 
 
 def rl_step_flops(cfg, prompt_lengths, response_lengths, passes: StepPasses) -> dict[str, float]:
@@ -103,7 +106,7 @@ def rl_step_flops(cfg, prompt_lengths, response_lengths, passes: StepPasses) -> 
 
     out = {"sample": fwd(True),
            "score": passes.scoring * fwd(passes.scoring_shared) if passes.scoring else 0.0,
-           "update": 3 * passes.update_epochs * fwd(passes.update_shared),
+           "update": 3 * passes.update_epochs * fwd(passes.update_shared) + passes.update_decodes * fwd(True),
            "critic": (1 + 3 * passes.critic_epochs) * fwd(False, unembed=False) if passes.critic_epochs else 0.0}
     out["total"] = sum(out.values())
     return out

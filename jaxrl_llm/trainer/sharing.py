@@ -26,6 +26,5 @@ def prompt_sharing(cfg) -> PromptSharing:
     update = share and cfg.algorithm.minibatches == 1 and t.micro_batch_size % n == 0
     group, micro = (n if share else 1), t.micro_batch_size
     rows = micro if micro % group == 0 else group if group % micro == 0 else t.prompts_per_step * n
-    # exact consistency's update runs the sampler's decode step over the rows as sampled: nothing to pack
-    pack = update and t.pack_responses and cfg.rollout.consistency != "exact"
+    pack = update and t.pack_responses
     return PromptSharing(group, n if update else 1, pack, rows)

@@ -46,6 +46,9 @@ class Experience:
     forced_experts: jax.Array | None = None  # int32[L, N, P+R, k] recorded MoE routing to replay
     sampler_logp: jax.Array | None = None  # float32[N, R] the sampler's log-probs (off-policy drift metrics)
     packing: Any = None  # a packing.Packing of the responses (shared prompts), planned per minibatch
+    # (logp, entropy) float32[N, R] each at the update's weights from the sampler's decode step (exact
+    # consistency): filled by the update step's decode pass, the values its loss differentiates
+    decoded: Any = None
 
     @property
     def num_rows(self) -> int:
@@ -239,7 +242,7 @@ def make_loss_fn(graphdef, algo, logprob_fn: LogprobFn, agg_constant: float | No
 
 
 def make_update_step(graphdef, optimizer: optax.GradientTransformation, algo, logprob_fn: LogprobFn,
-                     param_shardings=None, agg_constant: float | None = None):
+                     param_shardings=None, agg_constant: float | None = None, decode_pass=None):
     """Build ``update(params, rest, opt_state, micro_batches, normalizer, control=None)
     -> (params, opt_state, metrics)`` for the loss settings ``algo`` (the run's ``AlgorithmSection``).
     ``agg_constant`` is the normaliser of ``seq-mean-token-sum-norm`` (Dr. GRPO; None: the padded length).
@@ -248,7 +251,9 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, algo, lo
     log-probs and entropies (the sampler-consistent scoring function with the rollout temperature bound in).
     ``control`` holds per-update runtime values: ``entropy_coef`` (adaptive entropy control) and ``key`` (the
     PRNG key of Clip-Cov's random choice; folded with the micro-batch index). ``param_shardings`` keeps the
-    gradients sharded like the parameters (see :func:`accumulate`).
+    gradients sharded like the parameters (see :func:`accumulate`). ``decode_pass(model, micro_batches) ->
+    micro_batches``, if given, runs once per update before the gradients, over all micro-batches together
+    (``exact`` consistency fills ``Experience.decoded`` with the sampler's decode step over the batch as sampled).
     """
     grad_fn = jax.value_and_grad(make_loss_fn(graphdef, algo, logprob_fn, agg_constant), has_aux=True)
 
@@ -258,6 +263,8 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, algo, lo
         control.setdefault("key", jax.random.key(0))
         weight_total = jnp.maximum(micro_batches.mask.sum(), 1)
         num_micro = micro_batches.mask.shape[0]
+        if decode_pass is not None:
+            micro_batches = decode_pass(flax.nnx.merge(graphdef, params, rest), micro_batches)
 
         def micro_grads(xs):
             micro, i = xs
@@ -281,11 +288,12 @@ def make_update_step(graphdef, optimizer: optax.GradientTransformation, algo, lo
 
 
 def jit_update_step(graphdef, optimizer: optax.GradientTransformation, algo, logprob_fn: LogprobFn,
-                    param_shardings, rest_shardings, opt_shardings, agg_constant: float | None = None):
+                    param_shardings, rest_shardings, opt_shardings, agg_constant: float | None = None,
+                    decode_pass=None):
     """:func:`make_update_step`, jitted as the trainer runs it (and the planner compiles it): parameters and
     optimizer state keep their shardings and are donated; compiled like the sampler, so that its log-probs round
     like the sampler's (``compile_options.py``)."""
-    step = make_update_step(graphdef, optimizer, algo, logprob_fn, param_shardings, agg_constant)
+    step = make_update_step(graphdef, optimizer, algo, logprob_fn, param_shardings, agg_constant, decode_pass)
     return jax.jit(step, in_shardings=(param_shardings, rest_shardings, opt_shardings, None, None, None),
                    out_shardings=(param_shardings, opt_shardings, None), donate_argnums=(0, 2),
                    compiler_options=compiler_options())

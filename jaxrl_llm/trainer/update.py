@@ -9,8 +9,9 @@ from flax import nnx
 
 from jaxrl_llm.distributed import host
 from jaxrl_llm.losses import exploration as X
-from jaxrl_llm.parallel import Layout
-from jaxrl_llm.sampling import decode_logprobs, sequence_logprobs
+from jaxrl_llm.parallel import Layout, constrain_rows
+from jaxrl_llm.sampling import sequence_logprobs, values_with_gradient
+from jaxrl_llm.sampling.sampler import teacher_forced_logprobs
 from jaxrl_llm.trainer.critic import Critic
 from jaxrl_llm.trainer.experience import CriticTargets
 from jaxrl_llm.trainer.optim import init_opt_state, run_optimizer
@@ -18,47 +19,72 @@ from jaxrl_llm.trainer.packing import packed_rows_multiple, plan_packing
 from jaxrl_llm.trainer.sharing import prompt_sharing
 from jaxrl_llm.trainer.step import Experience, jit_update_step, minibatch_normalizer, split_micro
 
-__all__ = ["Learner", "policy_logprob_fn", "build_update", "micro_shardings"]
+__all__ = ["Learner", "policy_logprob_fn", "exact_decode_pass", "build_update", "micro_shardings"]
 
 
-def policy_logprob_fn(cfg, group: int, layer: int | None = None, sampler=None):
+def policy_logprob_fn(cfg, group: int, layer: int | None = None):
     """``logprob_fn(model, experience)`` of the update: the current policy's log-probs and entropies of the
     experience's tokens at the rollout temperature, each prompt run once for its ``group`` rows (packed when the
     experience carries a packing plan); ``layer`` reads out an internal layer's policy (BuPO).
 
-    In ``exact`` consistency they come from ``sampler``'s own prefill and decode step, differentiated
-    (``sampling.decode_logprobs``), over the step's rows as the sampler generated them."""
+    In ``exact`` consistency their values are the experience's ``decoded`` ones (:func:`exact_decode_pass`) and
+    their gradient that of this full-sequence forward (``sampling.values_with_gradient``)."""
     temperature, chunk = cfg.rollout.temperature, cfg.train.logprob_chunk
-    if cfg.rollout.consistency == "exact" and layer is None:
-        if sampler is None:
-            raise ValueError("exact consistency's update runs the sampler's decode step: pass the sampler")
-
-        def exact_logprob_fn(model, exp: Experience):
-            return decode_logprobs(sampler.graphdef, nnx.state(model), exp.prompt_ids, exp.prompt_mask, exp.tokens,
-                                   exp.mask, n=cfg.rollout.n, temperature=temperature,
-                                   cache_dtype=sampler.cache_dtype, compute_dtype=sampler.compute_dtype)
-
-        return exact_logprob_fn
 
     def logprob_fn(model, exp: Experience):
         return sequence_logprobs(model, exp.prompt_ids, exp.prompt_mask, exp.tokens, exp.mask,
                                  temperature=temperature, chunk=chunk, forced_experts=exp.forced_experts,
                                  layer=layer, group=group if layer is None else 1, packing=exp.packing)
 
-    return logprob_fn
+    if cfg.rollout.consistency != "exact" or layer is not None:
+        return logprob_fn
+
+    def exact_logprob_fn(model, exp: Experience):
+        graphdef, state = nnx.split(model)
+
+        def full_forward(state, exp):
+            return logprob_fn(nnx.merge(graphdef, state), exp)
+
+        return values_with_gradient(exp.decoded, full_forward, state, exp.replace(decoded=None))
+
+    return exact_logprob_fn
+
+
+def exact_decode_pass(cfg, sampler):
+    """``decode_pass(model, micro_batches)`` of ``exact`` consistency's update step: the log-probs and entropies of
+    all micro-batches' tokens from the sampler's own prefill and decode step, run over the rows together, in the
+    order, sharding and batch size the sampler generated them in (``sampling.teacher_forced_logprobs``: at the
+    sampler's weights, the sampler's log-probs bit for bit), stored as the micro-batches' ``decoded``."""
+
+    def decode_pass(model, micro: Experience) -> Experience:
+        num_micro, rows = micro.mask.shape[:2]
+        whole = [constrain_rows(x.reshape(num_micro * rows, *x.shape[2:]))
+                 for x in (micro.prompt_ids, micro.prompt_mask, micro.tokens, micro.mask)]
+        decoded = teacher_forced_logprobs(sampler.graphdef, nnx.state(model), *whole, n=cfg.rollout.n,
+                                          temperature=cfg.rollout.temperature, cache_dtype=sampler.cache_dtype,
+                                          compute_dtype=sampler.compute_dtype)
+        return micro.replace(decoded=tuple(x.reshape(num_micro, rows, -1) for x in decoded))
+
+    return decode_pass
 
 
 def build_update(cfg, graphdef, optimizer, params, rest, opt_state, *, layer: int | None = None, sampler=None):
     """The jitted update step of a run config for parameters, state and optimizer state placed as given (the
     program the trainer runs, and the one the planner compiles); ``layer`` trains an internal layer's policy;
-    ``sampler`` is the run's sampler (``exact`` consistency differentiates its decode step)."""
+    ``sampler`` is the run's sampler (``exact`` consistency's values come from its decode step)."""
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    decode_pass = None
+    if cfg.rollout.consistency == "exact" and layer is None:
+        if sampler is None:
+            raise ValueError("exact consistency's update runs the sampler's decode step: pass the sampler")
+        decode_pass = exact_decode_pass(cfg, sampler)
     # Dr. GRPO's constant normaliser is the generation budget unless set: responses are trimmed to the longest
     # sampled one, so the padded length would change from step to step
-    return jit_update_step(graphdef, optimizer, cfg.algorithm,
-                           policy_logprob_fn(cfg, prompt_sharing(cfg).update_group, layer, sampler),
-                           shardings(params), shardings(rest), shardings(opt_state),
-                           agg_constant=cfg.algorithm.agg_constant or float(cfg.rollout.max_new_tokens))
+    logprob_fn = policy_logprob_fn(cfg, prompt_sharing(cfg).update_group, layer)
+    return jit_update_step(graphdef, optimizer, cfg.algorithm, logprob_fn, shardings(params), shardings(rest),
+                           shardings(opt_state),
+                           agg_constant=cfg.algorithm.agg_constant or float(cfg.rollout.max_new_tokens),
+                           decode_pass=decode_pass)
 
 
 def micro_shardings(layout: Layout, micro: Experience):
@@ -76,7 +102,7 @@ def _take(exp: Experience, idx) -> Experience:
 class Learner:
     """The trained policy (parameters, optimizer state, the jitted update) of a run config on ``layout``, and the
     critic when the run has one (``critic_trunk``: a fresh copy of the policy model). ``sampler`` is the run's
-    sampler: ``exact`` consistency's update differentiates its decode step."""
+    sampler: ``exact`` consistency's update runs its decode step."""
 
     def __init__(self, cfg, model, layout: Layout, *, critic_trunk=None, sampler=None):
         a, t = cfg.algorithm, cfg.train
