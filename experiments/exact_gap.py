@@ -1,5 +1,6 @@
-"""One GRPO step (a single update) on a tiny dense / MoE Qwen3, float32 and bfloat16, on one device and on a 2x2x2
-(data, fsdp, tensor) mesh of CPU devices, in exact mode and in the default one: the largest gap between the
+"""One GRPO step (a single update, two micro-batches) on a tiny dense / MoE Qwen3, float32 and bfloat16, on one
+device and on a 2x2x2 mesh of CPU devices ((data, fsdp, tensor); (data, expert, tensor) for MoE), in exact mode and
+in the default one: the largest gap between the
 log-probs the loss differentiates and the sampler's (``train_sampler_abs_max``), and the first update's extreme
 ratios (``ratio_min``, ``ratio_max``: exactly 1 when the gap is 0).
 
@@ -37,7 +38,7 @@ def run(moe, dtype, mesh, mode, extra=()):
     d = model_dir(moe)
     run_dir = tempfile.mkdtemp()
     ov = [f"model.path={d}", f"log.run_dir={run_dir}", "train.steps=1", "train.prompts_per_step=4",
-          "rollout.n=4", "rollout.max_new_tokens=12", "train.micro_batch_size=16", "data.max_prompt_tokens=40",
+          "rollout.n=4", "rollout.max_new_tokens=12", "train.micro_batch_size=8", "data.max_prompt_tokens=40",
           "data.task_kwargs={num_problems: 64, max_ops: 2}", "log.tensorboard=false", "log.progress=false",
           "checkpoint.async_save=false", "checkpoint.export_hf=false", f"rollout.consistency={mode}",
           f"model.dtype={dtype}", *mesh, *extra]
@@ -51,8 +52,8 @@ def run(moe, dtype, mesh, mode, extra=()):
 
 
 if __name__ == "__main__":
-    meshes = {"1dev": [], "2x2x2": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]}
     for moe in (False, True):
+        meshes = {"1dev": [], "2x2x2": ["mesh.data=2", "mesh.expert=2" if moe else "mesh.fsdp=2", "mesh.tensor=2"]}
         for dtype in ("float32", "bfloat16"):
             for name, mesh in meshes.items():
                 for mode in ("exact", "default"):

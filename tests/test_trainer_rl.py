@@ -287,28 +287,31 @@ def test_scoring_passes_run_in_micro_batches(tiny_model_dir, tmp_path, monkeypat
 
 # every pair of levels of (model, dtype, devices) once: 4 runs instead of 8; one with two minibatches, which
 # exact mode runs as the whole batch with the other minibatch's responses masked out (the others pack responses);
-# the decode pass runs the 16 rows together however many micro-batches the gradient is taken over
-EXACT_CASES = [("dense", "float32", "mesh.data=1", 2, 4), ("moe", "bfloat16", "mesh.data=1", 1, 16),
-               ("dense", "bfloat16", "mesh.data=2 mesh.fsdp=2 mesh.tensor=2", 1, 8),
-               ("moe", "float32", "mesh.data=2 mesh.fsdp=2 mesh.tensor=2", 1, 16)]
+# the decode pass runs the 16 rows together however many micro-batches the gradient is taken over. With dynamic
+# sampling and a reward some groups vary in, the step's rows come from two sampling rounds
+TWO_ROUNDS = ("algorithm.dynamic_sampling=true", 'reward.fns=[{name: format, kwargs: {pattern: "[0-3]"}}]')
+EXACT_CASES = [("dense", "float32", "mesh.data=1", 2, 4, ()), ("moe", "bfloat16", "mesh.data=1", 1, 16, TWO_ROUNDS),
+               ("dense", "bfloat16", "mesh.data=2 mesh.fsdp=2 mesh.tensor=2", 1, 8, ()),
+               ("moe", "float32", "mesh.data=2 mesh.expert=2 mesh.tensor=2", 1, 16, ())]
 
 
-@pytest.mark.parametrize("family,dtype,mesh,minibatches,micro", EXACT_CASES)
+@pytest.mark.parametrize("family,dtype,mesh,minibatches,micro,extra", EXACT_CASES)
 def test_exact_mode_differentiates_the_samplers_log_probs_bit_for_bit(family, dtype, mesh, minibatches, micro,
-                                                                      request, tmp_path):
+                                                                      extra, request, tmp_path):
     # the log-probs inside the loss (the ones the gradient flows through) against the sampler's, per token, at the
     # step's first update: train_sampler_abs_max exactly 0, so its ratio (old log-probs: the sampler's) is exactly 1
     model_dir = request.getfixturevalue("tiny_moe_dir" if family == "moe" else "tiny_model_dir")
     cfg = _cfg(model_dir, tmp_path, "grpo", "train.steps=1", "checkpoint.export_hf=false",
                "rollout.consistency=exact", f"train.micro_batch_size={micro}", f"model.dtype={dtype}",
                f"algorithm.minibatches={minibatches}", "algorithm.entropy_coef=0.01",  # a gradient if all rewards are 0
-               *mesh.split())
+               *mesh.split(), *extra)
     devices = jax.devices()[:1] if mesh == "mesh.data=1" else jax.devices()
     with RLTrainer(cfg, devices=devices) as trainer:
         trainer.train()
         assert trainer.learner.sharing.pack == (minibatches == 1)
     row = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))[-1]
     assert row["train_sampler_abs_max"] == 0.0
+    assert row["sampling_tries"] == (2.0 if extra else 1.0)
     if minibatches == 1:
         assert row["ratio_max"] == 1.0 and row["ratio_min"] == 1.0
     else:  # the second update's policy has moved away from the sampler
