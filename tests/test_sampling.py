@@ -14,7 +14,8 @@ from jaxrl_llm.models import attention
 from jaxrl_llm.models import Decoder, ModelConfig, left_pad_positions
 from jaxrl_llm.parallel import make_mesh, shard_model
 from jaxrl_llm.sampling import (FINISH_LENGTH, FINISH_STOP, Sampler, SamplingParams, decode_logprobs,
-                                filter_logits, mismatch_metrics, rollout_logprobs, sample_tokens, sequence_logprobs)
+                                filter_logits, mismatch_metrics, rollout_logprobs, sample_tokens, sequence_logprobs,
+                                values_with_gradient)
 from jaxrl_llm.compile_options import compiler_options
 from jaxrl_llm.sampling.filters import gumbel_noise
 from jaxrl_llm.sampling.decode import compaction_sizes
@@ -261,6 +262,31 @@ def test_shared_prompt_scoring_equals_the_full_forward(moe, remat, packed):
     if packed:
         with pytest.raises(ValueError, match="packing needs group"):
             sequence_logprobs(model, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask, packing=plan)
+
+
+def test_values_with_gradient_returns_the_values_and_differentiates_the_function():
+    x = jnp.array([0.3, -1.2, 2.0])
+    y = jnp.array([1.0, 2.0, -0.5])
+
+    def fn(x, y):
+        return jnp.sin(x) * y, jnp.sum(x ** 2)
+
+    values = (jnp.array([7.0, 8.0, 9.0]), jnp.float32(-1.0))  # anything shaped like fn's output
+
+    def loss(x, y, how):
+        a, b = how(x, y)
+        return jnp.sum(a * jnp.arange(1.0, 4.0)) + 3.0 * b, (a, b)
+
+    (_, (a, b)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        x, y, lambda x, y: values_with_gradient(values, fn, x, y))
+    _, want = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, y, fn)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(values[0]))
+    assert float(b) == -1.0
+    for g, w in zip(grads, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-6)
+    # by hand: d/dx = cos(x) * y * [1, 2, 3] + 6 x; d/dy = sin(x) * [1, 2, 3]
+    np.testing.assert_allclose(np.asarray(grads[0]), np.cos(x) * y * np.arange(1, 4) + 6 * x, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grads[1]), np.sin(x) * np.arange(1, 4), rtol=1e-6)
 
 
 @pytest.mark.parametrize("moe,key_block", [(False, None), (True, None), (False, 4)])

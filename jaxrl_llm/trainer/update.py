@@ -10,8 +10,7 @@ from flax import nnx
 from jaxrl_llm.distributed import host
 from jaxrl_llm.losses import exploration as X
 from jaxrl_llm.parallel import Layout, constrain_rows
-from jaxrl_llm.sampling import sequence_logprobs, values_with_gradient
-from jaxrl_llm.sampling.sampler import teacher_forced_logprobs
+from jaxrl_llm.sampling import sequence_logprobs, teacher_forced_logprobs, values_with_gradient
 from jaxrl_llm.trainer.critic import Critic
 from jaxrl_llm.trainer.experience import CriticTargets
 from jaxrl_llm.trainer.optim import init_opt_state, run_optimizer
@@ -40,6 +39,9 @@ def policy_logprob_fn(cfg, group: int, layer: int | None = None):
         return logprob_fn
 
     def exact_logprob_fn(model, exp: Experience):
+        if exp.decoded is None:
+            raise ValueError("exact consistency's log-probs take their values from the update step's decode pass: "
+                             "build the step with decode_pass=exact_decode_pass(cfg, sampler)")
         graphdef, state = nnx.split(model)
 
         def full_forward(state, exp):
