@@ -104,8 +104,10 @@ def grad_probe(moe=False, new=10):
     differentiated directly, and through decode_logprobs (the plain loop's values with the full-sequence forward's
     gradient)."""
     from jaxrl_llm.compile_options import compiler_options
+    from jaxrl_llm.losses import entropy_from_logits
+    from jaxrl_llm.models.attention import static_decode_blocks
     from jaxrl_llm.sampling import decode_logprobs
-    from jaxrl_llm.sampling.sampler import teacher_forced_logprobs
+    from jaxrl_llm.sampling.sampler import decode_step, prefill
 
     model = Decoder(cfg(moe), rngs=nnx.Rngs(0))
     model.embed[...] = model.embed[...] * 20.0
@@ -116,8 +118,26 @@ def grad_probe(moe=False, new=10):
     ro = sampler.generate(state, ids, mask, SamplingParams(temperature=0.8, max_new_tokens=new, n=2),
                           jax.random.key(1))
     kw = dict(n=2, temperature=0.8, cache_dtype=sampler.cache_dtype, compute_dtype=None)
-    args = (ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask)
-    ways = {"differentiated directly": lambda st: teacher_forced_logprobs(sampler.graphdef, st, *args, **kw),
+    args = (ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask, ro.lengths)
+
+    def scan_loop(st):  # the decode steps as a scan over the response, which reverse mode can differentiate
+        model = nnx.merge(sampler.graphdef, st)
+        prompt_len = jnp.repeat(ro.prompt_mask[::2].sum(axis=1).astype(jnp.int32), 2)
+        with static_decode_blocks():
+            logits, cache, _ = prefill(model, ro.prompt_ids[::2], ro.prompt_mask[::2], 2, ids.shape[1] + new,
+                                       sampler.cache_dtype)
+
+            def step(carry, xs):
+                cache, logits = carry
+                t, tok = xs
+                out = (token_logprob(logits, tok, 0.8), entropy_from_logits(logits / 0.8))
+                logits, cache, _ = decode_step(model, cache, tok, prompt_len + t)
+                return (cache, logits), out
+
+            _, (logp, ent) = jax.lax.scan(step, (cache, logits), (jnp.arange(new), ro.tokens.T))
+        return jnp.where(ro.mask, logp.T, 0.0), jnp.where(ro.mask, ent.T, 0.0)
+
+    ways = {"differentiated directly": scan_loop,
             "decode_logprobs": lambda st: decode_logprobs(sampler.graphdef, st, *args, **kw)}
     mk = np.asarray(ro.mask)
     for name, fn in ways.items():

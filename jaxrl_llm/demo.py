@@ -38,7 +38,8 @@ def run_demo(seed: int = 0, steps: int = 30, prompts: int = 8, n: int = 8, new_t
 
     def logprob_fn(m, exp: Experience):  # values: the sampler's decode step over its own batch
         return decode_logprobs(sampler.graphdef, nnx.state(m), exp.prompt_ids, exp.prompt_mask, exp.tokens, exp.mask,
-                               n=n, temperature=1.0, cache_dtype=sampler.cache_dtype)
+                               exp.lengths, n=n, temperature=1.0, cache_dtype=sampler.cache_dtype,
+                               compact_rows=sampler.compact_rows)
 
     # compiled with the sampler's options, so that the update's decode steps round as the sampler's
     update = jax.jit(make_update_step(graphdef, optimizer, algo, logprob_fn), donate_argnums=(0, 2),
@@ -59,7 +60,7 @@ def run_demo(seed: int = 0, steps: int = 30, prompts: int = 8, n: int = 8, new_t
         rewards = jnp.asarray(hits, jnp.float32).reshape(prompts, n)
         adv = A.broadcast_over_tokens(A.grpo(rewards).reshape(-1), ro.mask)
         exp = Experience(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, tokens=ro.tokens, mask=ro.mask,
-                         advantages=adv, old_logp=ro.logprobs, sampler_logp=ro.logprobs)
+                         advantages=adv, old_logp=ro.logprobs, sampler_logp=ro.logprobs, lengths=ro.lengths)
         params, opt_state, metrics = update(params, rest, opt_state, split_micro(exp, 1),
                                             minibatch_normalizer(exp.mask, algo))
         reward = float(rewards.mean())

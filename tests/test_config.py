@@ -31,7 +31,6 @@ def test_merge_order_and_types(tmp_path):
     (["algorithm.loss_agg=mean"], "algorithm.loss_agg"),
     (["rollout.top_p=0"], "rollout.top_p"),
     (["rollout.consistency=exact", "rollout.sampler_dtype=bfloat16"], "rollout.sampler_dtype"),
-    (["rollout.consistency=exact", "rollout.compact_rows=8"], "rollout.compact_rows: exact consistency"),
     (["rollout.compact_rows=-1"], "rollout.compact_rows: must be >= 0"),
     (["data.source=jsonl"], "data.path"),
     (["train.steps"], "section.key=value"),

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxrl_llm.losses import logprobs_from_logits
+from jaxrl_llm.losses import entropy_from_logits, logprobs_from_logits
 from jaxrl_llm.models import attention
 from jaxrl_llm.models import Decoder, ModelConfig, left_pad_positions
 from jaxrl_llm.parallel import make_mesh, shard_model
@@ -18,8 +18,8 @@ from jaxrl_llm.sampling import (FINISH_LENGTH, FINISH_STOP, Sampler, SamplingPar
                                 values_with_gradient)
 from jaxrl_llm.compile_options import compiler_options
 from jaxrl_llm.sampling.filters import gumbel_noise
-from jaxrl_llm.sampling.decode import compaction_sizes
-from jaxrl_llm.sampling.sampler import _batch_shards, teacher_forced_logprobs
+from jaxrl_llm.sampling.decode import compaction_sizes, token_logprob
+from jaxrl_llm.sampling.sampler import _batch_shards, decode_step, prefill
 from jaxrl_llm.trainer.packing import plan_packing
 
 score_module = importlib.import_module("jaxrl_llm.sampling.score")  # the package exports a function `score`
@@ -48,7 +48,7 @@ def _prompts():
 @pytest.mark.parametrize("moe", [False, True])
 @pytest.mark.parametrize("mode,new_tokens", [("default", 10), ("exact", 10), ("exact", 12), ("exact", 7)])
 def test_sampler_logprobs_match_score(moe, mode, new_tokens):
-    # the exact scorer unrolls its steps by 2, 4 or 1 depending on the step count: all three must stay bitwise
+    # even and odd step counts (the batch is too small to compact: test_exact_scorer_replays_compaction)
     model = _model(moe, scale=20.0)
     graphdef, state = nnx.split(model)
     sampler = Sampler(model, consistency=mode)
@@ -184,8 +184,8 @@ def test_sampler_and_scorer_compile_alike_on_cpu():
     scorer = score_module._jitted_score().lower(graphdef, state, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
                                                 None, temperature=1.0, chunk=512, layer=None, group=1)
     assert "ynn" not in scorer.compile().as_text()
-    exact = sampler._score_exact.lower(graphdef, state, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask, n=2,
-                                       temperature=1.0, cache_dtype=sampler.cache_dtype, compute_dtype=None)
+    fn, args, kwargs = sampler.score_exact_program(state, ro, temperature=1.0)
+    exact = fn.lower(*args, **kwargs)
     assert "ynn" not in exact.compile().as_text()
 
 
@@ -302,18 +302,31 @@ def test_decode_logprobs_are_the_samplers_and_differentiate_like_the_decode_loop
     ro = sampler.generate(state, *_prompts(), SamplingParams(temperature=0.8, max_new_tokens=10, n=2),
                           jax.random.key(1))
     weights = jax.random.normal(jax.random.key(2), ro.tokens.shape)
-    args = (ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask)
     kw = dict(n=2, temperature=0.8, cache_dtype=sampler.cache_dtype)
 
     def loss(logp, ent):
         return jnp.sum(weights * logp) + 0.1 * jnp.sum(ent)
 
     def exact(st):
-        logp, ent = decode_logprobs(sampler.graphdef, st, *args, **kw)
+        logp, ent = decode_logprobs(sampler.graphdef, st, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
+                                    ro.lengths, **kw)
         return loss(logp, ent), logp
 
-    def loop(st):  # the decode loop differentiated directly: its values round apart, its gradient is the reference
-        logp, ent = teacher_forced_logprobs(sampler.graphdef, st, *args, compute_dtype=None, unroll=1, **kw)
+    def loop(st):  # the decode steps as a scan, differentiated directly: the reference gradient
+        model = nnx.merge(sampler.graphdef, st)
+        prompt_len = jnp.repeat(ro.prompt_mask[::2].sum(axis=1).astype(jnp.int32), 2)
+        with attention.static_decode_blocks():  # a loop reverse mode can differentiate
+            logits, cache, _ = prefill(model, ro.prompt_ids[::2], ro.prompt_mask[::2], 2, 15, sampler.cache_dtype)
+
+            def step(carry, xs):
+                cache, logits = carry
+                t, tok = xs
+                out = (token_logprob(logits, tok, 0.8), entropy_from_logits(logits / 0.8))
+                logits, cache, _ = decode_step(model, cache, tok, prompt_len + t)
+                return (cache, logits), out
+
+            _, (logp, ent) = jax.lax.scan(step, (cache, logits), (jnp.arange(10), ro.tokens.T))
+        logp, ent = jnp.where(ro.mask, logp.T, 0.0), jnp.where(ro.mask, ent.T, 0.0)
         return loss(logp, ent), logp
 
     grad = functools.partial(jax.jit, compiler_options=compiler_options())
@@ -401,10 +414,20 @@ def test_compacted_decoding_equals_the_full_batch():
         np.testing.assert_allclose(np.asarray(ro.logprobs), np.asarray(full.logprobs), atol=1e-5)
         np.testing.assert_array_equal(np.asarray(ro.experts)[:, fed], np.asarray(full.experts)[:, fed])
     with pytest.raises(ValueError, match="compact_rows"):
-        Sampler(model, consistency="exact", compact_rows=8)
-    with pytest.raises(ValueError, match="compact_rows"):
         Sampler(model, compact_rows=-1)
-    assert Sampler(model, consistency="exact").compact_rows == 0
+    # exact mode compacts too, and its scorer replays the compaction bit for bit (one device; a data mesh whose
+    # 2 shards compact their own rows)
+    exact = Sampler(model, consistency="exact")
+    exact_ro = exact.generate(state, ids, mask, params, jax.random.key(3))
+    np.testing.assert_array_equal(np.asarray(exact_ro.tokens), np.asarray(full.tokens))
+    logp, _ = rollout_logprobs(exact, graphdef, state, exact_ro, temperature=1.0)
+    np.testing.assert_array_equal(np.asarray(logp), np.asarray(exact_ro.logprobs))
+    sharded_exact = Sampler(sharded_model, consistency="exact")
+    state2 = nnx.split(sharded_model)[1]
+    exact_ro = sharded_exact.generate(state2, jax.device_put(ids, batch), jax.device_put(mask, batch), params,
+                                      jax.random.key(3))
+    logp, _ = rollout_logprobs(sharded_exact, graphdef, state2, exact_ro, temperature=1.0)
+    np.testing.assert_array_equal(np.asarray(logp), np.asarray(exact_ro.logprobs))
 
 
 def test_bf16_sampler_against_fp32_scorer():

@@ -117,9 +117,6 @@ def _check_rollout(cfg: TrainConfig) -> None:
                 (r.sampler_lag, "rollout.sampler_lag",
                  "exact consistency needs the sampler's weights to be the trainer's; a lagging sampler needs "
                  "rollout.consistency=default"),
-                (r.compact_rows, "rollout.compact_rows",
-                 "exact consistency's update runs the decode batch as sampled, and compaction changes how a row "
-                 "rounds; compaction needs rollout.consistency=default"),
                 (r.async_rollout, "rollout.async_rollout",
                  "exact consistency needs the sampler's weights to be the trainer's; async rollouts are one step "
                  "stale (use rollout.consistency=default, and algorithm.rollout_is to correct the staleness)"),

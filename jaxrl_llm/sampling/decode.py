@@ -14,6 +14,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from jaxrl_llm.losses import entropy_from_logits
 from jaxrl_llm.models import KVCache
 from jaxrl_llm.sampling.filters import SamplingParams, gumbel_noise, sample_tokens
 
@@ -43,6 +44,8 @@ class DecodeState:
     stopped: jax.Array  # bool [rows]: the row ended on a stop token (not on its length budget)
     lengths: jax.Array  # int32 [rows]: tokens sampled so far
     experts: jax.Array | None  # int32 [L_moe, rows, P + R, k]: MoE routing of every input position
+    # float32 [rows, R]: entropies of the distributions the tokens came from (teacher forcing only)
+    entropies: jax.Array | None = None
 
 
 class RowLimits(NamedTuple):
@@ -85,32 +88,43 @@ def put_rows(full: jax.Array, x: jax.Array, ids, shards: int, axis: int = 0) -> 
     return jnp.moveaxis(out, 0, axis)
 
 
-def initial_state(key, logits, cache: KVCache, experts, params: SamplingParams) -> DecodeState:
-    """The carry after the prefill (``logits [rows, V]`` predict every row's first response token).
+def initial_state(key, logits, cache: KVCache, experts, params: SamplingParams, forced=None) -> DecodeState:
+    """The carry after the prefill (``logits [rows, V]`` predict every row's first response token); ``forced``
+    (int32 ``[rows, R]``) teacher-forces these tokens instead of sampling (no noise, entropies recorded).
 
     Each step's Gumbel noise is drawn one step ahead: it does not depend on the logits, so drawing it overlaps the
     decode step instead of delaying the next token (on CPU the noise costs about as much as an attention layer).
     It is drawn for every row, also after compaction: a row's tokens do not depend on which rows share its batch.
     """
     rows, r = logits.shape[0], params.max_new_tokens
+    zeros = jnp.zeros((rows, r), jnp.float32)
+    if forced is not None:
+        return DecodeState(
+            t=jnp.zeros((), jnp.int32), key=None, cache=cache, logits=logits, gumbel=None, ids=None,
+            tokens=forced, logprobs=zeros, done=jnp.zeros((rows,), bool), stopped=jnp.zeros((rows,), bool),
+            lengths=jnp.zeros((rows,), jnp.int32), experts=experts, entropies=zeros)
     key, sub = jax.random.split(key)
     return DecodeState(
         t=jnp.zeros((), jnp.int32), key=key, cache=cache, logits=logits,
         gumbel=None if params.greedy else gumbel_noise(sub, logits.shape), ids=None,
-        tokens=jnp.zeros((rows, r), jnp.int32), logprobs=jnp.zeros((rows, r), jnp.float32),
+        tokens=jnp.zeros((rows, r), jnp.int32), logprobs=zeros,
         done=jnp.zeros((rows,), bool), stopped=jnp.zeros((rows,), bool), lengths=jnp.zeros((rows,), jnp.int32),
         experts=experts)
 
 
 def _step(s: DecodeState, step_fn, params: SamplingParams, limits: RowLimits, prompt_width: int,
           shards: int) -> DecodeState:
-    """Sample the current rows' tokens from their logits, record them, and feed them to ``step_fn(cache, tokens,
-    positions) -> (logits, cache, routing)``."""
+    """Sample the current rows' tokens from their logits (teacher forcing: read them), record them, and feed them
+    to ``step_fn(cache, tokens, positions) -> (logits, cache, routing)``."""
     t, ids = s.t, s.ids
     of = functools.partial(rows_of, ids=ids, shards=shards)
     put = functools.partial(put_rows, ids=ids, shards=shards)
-    key, sub = jax.random.split(s.key)
-    tok = sample_tokens(None, s.logits, params, gumbel=None if params.greedy else of(s.gumbel))
+    forced = s.entropies is not None
+    if forced:
+        tok = of(s.tokens[:, t])
+    else:
+        key, sub = jax.random.split(s.key)
+        tok = sample_tokens(None, s.logits, params, gumbel=None if params.greedy else of(s.gumbel))
     logp = token_logprob(s.logits, tok, params.temperature)
     active = ~of(s.done)
     tok = jnp.where(active, tok, 0)
@@ -120,8 +134,15 @@ def _step(s: DecodeState, step_fn, params: SamplingParams, limits: RowLimits, pr
     logits, cache, routed = step_fn(s.cache, tok, of(limits.prompt_len) + t)
     stopped = of(s.stopped) | is_stop
     experts = s.experts
-    if routed is not None:  # experts [layers, rows, P + R, k]
+    if routed is not None and experts is not None:  # experts [layers, rows, P + R, k]
         experts = experts.at[:, :, prompt_width + t].set(put(experts[:, :, prompt_width + t], routed, axis=1))
+    if forced:
+        entropy = jnp.where(active, entropy_from_logits(s.logits / params.temperature), 0.0)
+        return s.replace(
+            t=t + 1, cache=cache, logits=logits, tokens=s.tokens.at[:, t].set(put(s.tokens[:, t], tok)),
+            logprobs=s.logprobs.at[:, t].set(put(s.logprobs[:, t], jnp.where(active, logp, 0.0))),
+            entropies=s.entropies.at[:, t].set(put(s.entropies[:, t], entropy)),
+            done=put(s.done, done), stopped=put(s.stopped, stopped), lengths=put(s.lengths, lengths))
     return s.replace(
         t=t + 1, key=key, cache=cache, logits=logits,
         gumbel=None if params.greedy else gumbel_noise(sub, (s.tokens.shape[0], logits.shape[-1])),

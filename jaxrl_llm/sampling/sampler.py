@@ -21,11 +21,10 @@ from flax import nnx
 
 from jaxrl_llm.compile_options import compiler_options
 from jaxrl_llm.distributed import host
-from jaxrl_llm.losses import entropy_from_logits
 from jaxrl_llm.models import Decoder, init_cache, left_pad_positions
 from jaxrl_llm.models.attention import static_decode_blocks
 from jaxrl_llm.parallel import active_row_ways, constrain_unembedding
-from jaxrl_llm.sampling.decode import RowLimits, decode_loop, initial_state, token_logprob
+from jaxrl_llm.sampling.decode import RowLimits, decode_loop, initial_state
 from jaxrl_llm.sampling.filters import SamplingParams
 from jaxrl_llm.sampling.score import sequence_logprobs
 
@@ -136,39 +135,28 @@ def _generate_rows(graphdef, state, prompt_ids, prompt_mask, key, row_stop, row_
     )
 
 
-def teacher_forced_logprobs(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, n: int, temperature: float,
-                            cache_dtype, compute_dtype=None, unroll: int | None = None):
-    """Teacher-force ``tokens`` through the sampler's own prefill and decode step (bitwise-equal log-probs); the
-    rows' prompts come in groups of ``n`` equal ones, as the sampler returned them. ``unroll``: decode steps per
-    loop iteration (None: 4, 2 or 1, the largest that divides the step count)."""
+def teacher_forced_logprobs(graphdef, state, prompt_ids, prompt_mask, tokens, mask, lengths, *, n: int,
+                            temperature: float, cache_dtype, compute_dtype=None, compact_rows: int = 0,
+                            shards: int = 1):
+    """Per-token (log-prob, entropy) of ``tokens`` (0 where ``mask`` is off) from the sampler's own prefill and
+    decode loop with the tokens forced instead of sampled: bitwise the sampler's log-probs for the rows as it
+    returned them (prompts in groups of ``n`` equal ones, response ``lengths``), given the sampler's
+    ``compact_rows`` and ``shards``. Rows leave the decode batch at the steps they left it in the sampler, so each
+    row rounds as it did there."""
     with static_decode_blocks():
-        return _teacher_forced(graphdef, state, prompt_ids, prompt_mask, tokens, mask, n=n, temperature=temperature,
-                               cache_dtype=cache_dtype, compute_dtype=compute_dtype, unroll=unroll)
-
-
-def _teacher_forced(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, n: int, temperature: float,
-                    cache_dtype, compute_dtype, unroll: int | None):
-    model = _sampling_model(graphdef, state, compute_dtype)
-    prompt_ids, prompt_mask = prompt_ids[::n], prompt_mask[::n]
-    r = tokens.shape[1]
-    logits, cache, _ = prefill(model, prompt_ids, prompt_mask, n, prompt_ids.shape[1] + r, cache_dtype)
-    prompt_len = jnp.repeat(prompt_mask.sum(axis=1).astype(jnp.int32), n)
-
-    def step(carry, xs):
-        cache, logits = carry
-        t, tok = xs
-        logp = token_logprob(logits, tok, temperature)
-        ent = entropy_from_logits(logits / temperature)
-        logits, cache, _ = decode_step(model, cache, tok, prompt_len + t)
-        return (cache, logits), (logp, ent)
-
-    # unrolled: a step's log-prob and entropy do not wait for its decode step, and several steps per iteration let
-    # XLA run them alongside the next decode steps. The unroll must divide the step count: the remainder steps of
-    # an uneven unroll compile separately, and their attention rounds differently from the sampler's
-    # (tests/test_sampling.py checks bitwise equality for dense and MoE models with unrolls of 1, 2 and 4)
-    unroll = unroll or (4 if r % 4 == 0 else 2 if r % 2 == 0 else 1)
-    _, (logp, ent) = jax.lax.scan(step, (cache, logits), (jnp.arange(r), tokens.T), unroll=unroll)
-    return jnp.where(mask, logp.T, 0.0), jnp.where(mask, ent.T, 0.0)
+        model = _sampling_model(graphdef, state, compute_dtype)
+        prompt_ids, prompt_mask = prompt_ids[::n], prompt_mask[::n]
+        rows, r = tokens.shape
+        p = prompt_ids.shape[1]
+        logits, cache, _ = prefill(model, prompt_ids, prompt_mask, n, p + r, cache_dtype)
+        # the recorded lengths end every row where the sampler ended it (stop token or budget)
+        limits = RowLimits(stop=jnp.full((rows, 1), -1, jnp.int32), max_new=lengths.astype(jnp.int32),
+                           prompt_len=jnp.repeat(prompt_mask.sum(axis=1).astype(jnp.int32), n))
+        params = SamplingParams(temperature=temperature, max_new_tokens=r, n=n)
+        s = initial_state(None, logits, cache, None, params, forced=tokens)
+        s = decode_loop(s, functools.partial(decode_step, model), params, limits, prompt_width=p, shards=shards,
+                        compact_rows=compact_rows)
+    return jnp.where(mask, s.logprobs, 0.0), jnp.where(mask, s.entropies, 0.0)
 
 
 def values_with_gradient(values, fn, *args):
@@ -190,11 +178,11 @@ def values_with_gradient(values, fn, *args):
     return run(jax.lax.stop_gradient(values), args)
 
 
-def decode_logprobs(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, n: int, temperature: float,
-                    cache_dtype, compute_dtype=None):
+def decode_logprobs(graphdef, state, prompt_ids, prompt_mask, tokens, mask, lengths, *, n: int, temperature: float,
+                    cache_dtype, compute_dtype=None, compact_rows: int = 0, shards: int = 1):
     """Differentiable per-token (log-prob, entropy) of ``tokens`` whose values are computed by the sampler's own
     prefill and decode step (``exact`` mode's values): for the sampler's weights and batch they are the sampler's
-    log-probs bit for bit.
+    log-probs bit for bit (given its ``compact_rows`` and ``shards``, as :func:`teacher_forced_logprobs`).
 
     The gradient is that of the full-sequence forward (:func:`jaxrl_llm.sampling.score.sequence_logprobs`, each
     prompt run once for its ``n`` rows): the same function of the weights, computed in parallel over positions
@@ -202,8 +190,8 @@ def decode_logprobs(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, n
     compiles a loop that emits residuals differently, and a few log-probs round apart from the sampler's
     (``experiments/exact_probe.py``)."""
     values = teacher_forced_logprobs(graphdef, jax.lax.stop_gradient(state), prompt_ids, prompt_mask, tokens, mask,
-                                     n=n, temperature=temperature, cache_dtype=cache_dtype,
-                                     compute_dtype=compute_dtype)
+                                     lengths, n=n, temperature=temperature, cache_dtype=cache_dtype,
+                                     compute_dtype=compute_dtype, compact_rows=compact_rows, shards=shards)
 
     def full_forward(state, prompt_ids, prompt_mask, tokens, mask):
         return sequence_logprobs(_sampling_model(graphdef, state, compute_dtype), prompt_ids, prompt_mask, tokens,
@@ -239,7 +227,7 @@ class Sampler:
         half the size, down to ``compact_rows`` rows (default 8; ``0`` turns compaction off). Finished rows
         otherwise cost as much per step as active ones. With the prompts sharded by rows, each shard compacts its
         own rows (nothing moves between devices). Rows in a smaller batch round slightly differently (about 1e-7
-        in the logits), so ``exact`` mode, whose update runs the full batch, does not compact.
+        in the logits): :func:`teacher_forced_logprobs` compacts at the same steps.
     """
 
     CONSISTENCY_MODES = ("default", "exact")
@@ -251,10 +239,9 @@ class Sampler:
         if consistency not in self.CONSISTENCY_MODES:
             raise ValueError(f"consistency must be one of {self.CONSISTENCY_MODES}, got {consistency!r}")
         if compact_rows is None:
-            compact_rows = 0 if consistency == "exact" else self.DEFAULT_COMPACT_ROWS
-        if compact_rows < 0 or (compact_rows and consistency == "exact"):
-            raise ValueError(f"compact_rows must be >= 0, and 0 with consistency='exact' (its scorer replays the "
-                             f"full batch); got {compact_rows}")
+            compact_rows = self.DEFAULT_COMPACT_ROWS
+        if compact_rows < 0:
+            raise ValueError(f"compact_rows must be >= 0, got {compact_rows}")
         self.consistency = consistency
         self.compact_rows = int(compact_rows)
         self.cfg = model.cfg
@@ -282,7 +269,8 @@ class Sampler:
                                                   "exact"),
                                  compiler_options=options)
         self._score_exact = jax.jit(teacher_forced_logprobs, static_argnums=(0,),
-                                    static_argnames=("n", "temperature", "cache_dtype", "compute_dtype"),
+                                    static_argnames=("n", "temperature", "cache_dtype", "compute_dtype",
+                                                     "compact_rows", "shards"),
                                     compiler_options=options)
 
     def _generate_args(self, state, prompt_ids, prompt_mask, params: SamplingParams, key, stop_tokens,
@@ -333,8 +321,10 @@ class Sampler:
     def score_exact_program(self, state, rollout: Rollout, temperature: float):
         """``(jitted function, args, kwargs)`` of :meth:`score_exact` (arrays may be abstract, for lowering)."""
         args = (self.graphdef, state, rollout.prompt_ids, rollout.prompt_mask, rollout.tokens, rollout.mask)
+        args = args + (rollout.lengths,)
         return self._score_exact, args, dict(n=rollout.n, temperature=float(temperature),
-                                             cache_dtype=self.cache_dtype, compute_dtype=self.compute_dtype)
+                                             cache_dtype=self.cache_dtype, compute_dtype=self.compute_dtype,
+                                             compact_rows=self.compact_rows, shards=_batch_shards(rollout.prompt_ids, 1))
 
     def score_exact(self, state, rollout: Rollout, temperature: float):
         """Bitwise-consistent per-token (log-prob, entropy) of the rollout's tokens (``exact`` mode)."""

@@ -109,5 +109,6 @@ def make_experience(batch: RolloutBatch, ro: Rollout, scores: Scores, cfg) -> St
     old_logp = scores.bupo_old_logp if scores.bupo_old_logp is not None else scores.old_logp
     exp = Experience(prompt_ids=ro.prompt_ids, prompt_mask=ro.prompt_mask, tokens=ro.tokens, mask=ro.mask,
                      advantages=adv, old_logp=old_logp, ref_logp=scores.ref_logp, is_weights=is_weights,
-                     forced_experts=ro.experts if cfg.rollout.routing_replay else None, sampler_logp=ro.logprobs)
+                     forced_experts=ro.experts if cfg.rollout.routing_replay else None, sampler_logp=ro.logprobs,
+                     lengths=ro.lengths if cfg.rollout.consistency == "exact" else None)
     return StepExperience(exp, rewards, targets, metrics)

@@ -49,6 +49,7 @@ class Experience:
     # (logp, entropy) float32[N, R] each at the update's weights from the sampler's decode step (exact
     # consistency): filled by the update step's decode pass, the values its loss differentiates
     decoded: Any = None
+    lengths: jax.Array | None = None  # int32[N] tokens the sampler generated per row (exact consistency)
 
     @property
     def num_rows(self) -> int:

@@ -9,7 +9,7 @@ from flax import nnx
 
 from jaxrl_llm.distributed import host
 from jaxrl_llm.losses import exploration as X
-from jaxrl_llm.parallel import Layout, constrain_rows
+from jaxrl_llm.parallel import Layout, active_row_ways, constrain_rows
 from jaxrl_llm.sampling import sequence_logprobs, teacher_forced_logprobs, values_with_gradient
 from jaxrl_llm.trainer.critic import Critic
 from jaxrl_llm.trainer.experience import CriticTargets
@@ -61,10 +61,12 @@ def exact_decode_pass(cfg, sampler):
     def decode_pass(model, micro: Experience) -> Experience:
         num_micro, rows = micro.mask.shape[:2]
         whole = [constrain_rows(x.reshape(num_micro * rows, *x.shape[2:]))
-                 for x in (micro.prompt_ids, micro.prompt_mask, micro.tokens, micro.mask)]
+                 for x in (micro.prompt_ids, micro.prompt_mask, micro.tokens, micro.mask, micro.lengths)]
+        ways = active_row_ways()  # the sampler's shards: its rows split over the mesh's row axes
         decoded = teacher_forced_logprobs(sampler.graphdef, nnx.state(model), *whole, n=cfg.rollout.n,
                                           temperature=cfg.rollout.temperature, cache_dtype=sampler.cache_dtype,
-                                          compute_dtype=sampler.compute_dtype)
+                                          compute_dtype=sampler.compute_dtype, compact_rows=sampler.compact_rows,
+                                          shards=ways if (num_micro * rows) % ways == 0 else 1)
         return micro.replace(decoded=tuple(x.reshape(num_micro, rows, -1) for x in decoded))
 
     return decode_pass
