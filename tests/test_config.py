@@ -32,6 +32,8 @@ def test_merge_order_and_types(tmp_path):
     (["rollout.top_p=0"], "rollout.top_p"),
     (["rollout.consistency=exact", "rollout.sampler_dtype=bfloat16"], "rollout.sampler_dtype"),
     (["rollout.compact_rows=-1"], "rollout.compact_rows: must be >= 0"),
+    (["rollout.consistency=exact", "algorithm.dynamic_sampling=true", "rollout.compact_rows=8"],
+     "rollout.compact_rows: exact consistency with algorithm.dynamic_sampling"),
     (["data.source=jsonl"], "data.path"),
     (["train.steps"], "section.key=value"),
 ])

@@ -102,6 +102,21 @@ def test_the_planner_compiles_the_trainers_own_programs(measured):
         assert trainer.as_text() == planned.as_text(), name
 
 
+def test_the_planner_compiles_the_trainers_exact_mode_update(model_dir, tmp_path):
+    # exact consistency's update carries the rows' lengths and runs the sampler's decode loop: one device, two
+    # minibatches (no packing, so the trainer's shapes are the planned ones)
+    overrides = _overrides(model_dir, tmp_path) + ["rollout.consistency=exact", "mesh.data=1"]
+    cfg = load_config(GRPO, overrides)
+    with RLTrainer(cfg, devices=jax.devices()[:1]) as trainer:
+        update, calls = [], []
+        trainer.learner._update = _spy(trainer.learner._update, update, calls=calls)
+        trainer.train_step()
+    planned = {}
+    planner.compile_programs(cfg, planner.resolve_model(model_dir), dict(data=1, fsdp=1, tensor=1, expert=1),
+                             ("update",), lowered=planned)
+    assert calls[0].as_text() == planned["update"].as_text()
+
+
 def test_params_and_optimizer_match_the_trainers_arrays(measured):
     report = measured["report"]
     assert report.backend == "8 fake CPU devices"

@@ -110,7 +110,7 @@ class RolloutSection:
     # weights are not checkpointed, so a resumed run's first steps are less stale)
     sampler_lag: int = 0
     # halve the decode batch whenever at most half its rows still generate, down to this many rows (0: off;
-    # None: 8, or 0 with consistency=exact)
+    # None: 8, or 0 with consistency=exact and dynamic sampling)
     compact_rows: int | None = None
 
 

@@ -117,6 +117,9 @@ def _check_rollout(cfg: TrainConfig) -> None:
                 (r.sampler_lag, "rollout.sampler_lag",
                  "exact consistency needs the sampler's weights to be the trainer's; a lagging sampler needs "
                  "rollout.consistency=default"),
+                (r.compact_rows and cfg.algorithm.dynamic_sampling, "rollout.compact_rows",
+                 "exact consistency with algorithm.dynamic_sampling decodes rows drawn from several rounds, which "
+                 "compact on another schedule than in their round: leave rollout.compact_rows unset (0 then)"),
                 (r.async_rollout, "rollout.async_rollout",
                  "exact consistency needs the sampler's weights to be the trainer's; async rollouts are one step "
                  "stale (use rollout.consistency=default, and algorithm.rollout_is to correct the staleness)"),

@@ -88,6 +88,8 @@ def _micro_batches(cfg, mc, layout, s: StepShapes):
         fields["ref_logp"] = f32()
     if a.rollout_is != "none" or a.rollout_mask != "none":
         fields["is_weights"] = f32()
+    if cfg.rollout.consistency == "exact":  # the decode pass ends each row where the sampler did
+        fields["lengths"] = _abstract(lead, jnp.int32)
     if cfg.rollout.routing_replay:
         shape = (s.num_micro, mc.num_moe_layers, s.micro, s.prompt + s.response, mc.num_experts_per_tok)
         fields["forced_experts"] = _abstract(shape, jnp.int32)

@@ -63,8 +63,13 @@ def _split_devices(cfg: TrainConfig, devices: list) -> tuple[list, list]:
 def make_sampler(cfg: TrainConfig, model) -> Sampler:
     """The sampler of a run config for ``model``."""
     r = cfg.rollout
+    compact_rows = r.compact_rows
+    if compact_rows is None and r.consistency == "exact" and cfg.algorithm.dynamic_sampling:
+        # rows drawn from several rounds compact on another schedule in the update's decode pass than in their
+        # round; one full-width loop keeps every row in a batch of the sampler's size
+        compact_rows = 0
     return Sampler(model, consistency=r.consistency, compute_dtype=DTYPES[r.sampler_dtype] if r.sampler_dtype
-                   else None, compact_rows=r.compact_rows)
+                   else None, compact_rows=compact_rows)
 
 
 def _check_lengths(cfg: TrainConfig, prompt_tokens: int, m) -> None:
