@@ -101,7 +101,7 @@ class RolloutSection:
     top_k: int = 0  # 0 disables
     top_p: float = 1.0  # 1 disables
     min_p: float = 0.0  # 0 disables
-    consistency: str = "default"  # default | exact (the log-probs the update differentiates are the sampler's, bit for bit)
+    consistency: str = "default"  # default | exact (the update's log-probs are the sampler's, bit for bit)
     sampler_dtype: str | None = None  # e.g. bfloat16 to sample in lower precision than model.dtype
     routing_replay: bool = False  # MoE: the trainer replays the experts the sampler chose for every token
     sampler_devices: int = 0  # > 0: disaggregated, the last N devices sample and the others train
