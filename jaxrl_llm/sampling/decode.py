@@ -3,7 +3,8 @@
 Rows are the ``B * n`` rollout rows, prompt-major. Once at most half of a stage's rows still generate, those rows
 move into a batch of half the size (:func:`compaction_sizes`): finished rows would otherwise cost as much per step
 as active ones. Compaction is local to each of the batch's ``shards`` (the rows one data-parallel device holds):
-rows never move between devices, and the smaller batches stay split like the first.
+rows never move between devices, and the smaller batches stay split like the first. Given a rollout's tokens
+(teacher forcing), the same loop replays it: rows leave the batch at the same steps and round as they did.
 """
 from __future__ import annotations
 
@@ -139,7 +140,7 @@ def _step(s: DecodeState, step_fn, params: SamplingParams, limits: RowLimits, pr
     if forced:
         entropy = jnp.where(active, entropy_from_logits(s.logits / params.temperature), 0.0)
         return s.replace(
-            t=t + 1, cache=cache, logits=logits, tokens=s.tokens.at[:, t].set(put(s.tokens[:, t], tok)),
+            t=t + 1, cache=cache, logits=logits,
             logprobs=s.logprobs.at[:, t].set(put(s.logprobs[:, t], jnp.where(active, logp, 0.0))),
             entropies=s.entropies.at[:, t].set(put(s.entropies[:, t], entropy)),
             done=put(s.done, done), stopped=put(s.stopped, stopped), lengths=put(s.lengths, lengths))
