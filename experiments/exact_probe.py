@@ -104,10 +104,8 @@ def grad_probe(moe=False, new=10):
     differentiated directly, and through decode_logprobs (the plain loop's values with the full-sequence forward's
     gradient)."""
     from jaxrl_llm.compile_options import compiler_options
-    from jaxrl_llm.losses import entropy_from_logits
-    from jaxrl_llm.models.attention import static_decode_blocks
     from jaxrl_llm.sampling import decode_logprobs
-    from jaxrl_llm.sampling.sampler import decode_step, prefill
+    from jaxrl_llm.sampling.sampler import scanned_decode_logprobs
 
     model = Decoder(cfg(moe), rngs=nnx.Rngs(0))
     model.embed[...] = model.embed[...] * 20.0
@@ -121,21 +119,8 @@ def grad_probe(moe=False, new=10):
     args = (ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask, ro.lengths)
 
     def scan_loop(st):  # the decode steps as a scan over the response, which reverse mode can differentiate
-        model = nnx.merge(sampler.graphdef, st)
-        prompt_len = jnp.repeat(ro.prompt_mask[::2].sum(axis=1).astype(jnp.int32), 2)
-        with static_decode_blocks():
-            logits, cache, _ = prefill(model, ro.prompt_ids[::2], ro.prompt_mask[::2], 2, ids.shape[1] + new,
-                                       sampler.cache_dtype)
-
-            def step(carry, xs):
-                cache, logits = carry
-                t, tok = xs
-                out = (token_logprob(logits, tok, 0.8), entropy_from_logits(logits / 0.8))
-                logits, cache, _ = decode_step(model, cache, tok, prompt_len + t)
-                return (cache, logits), out
-
-            _, (logp, ent) = jax.lax.scan(step, (cache, logits), (jnp.arange(new), ro.tokens.T))
-        return jnp.where(ro.mask, logp.T, 0.0), jnp.where(ro.mask, ent.T, 0.0)
+        return scanned_decode_logprobs(sampler.graphdef, st, *args[:4], n=2, temperature=0.8,
+                                       cache_dtype=sampler.cache_dtype)
 
     ways = {"differentiated directly": scan_loop,
             "decode_logprobs": lambda st: decode_logprobs(sampler.graphdef, st, *args, **kw)}

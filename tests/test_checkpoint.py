@@ -77,7 +77,13 @@ def test_killed_during_save_resumes_from_last_complete(tmp_path):
         ckpt.wait()
         big = {{"w": jnp.ones((4,)) * 2, "step": jnp.asarray(2), "pad": jnp.zeros((64, 1024, 1024))}}
         ckpt.save(2, big, {{"step": 2}})
-        os._exit(0)  # die while the background thread is still writing
+        # die while the background thread is still writing: once its temporary step-2 directory exists (on a
+        # loaded machine the thread may not have started when save() returns)
+        import time
+        deadline = time.monotonic() + 60
+        while not any(n.startswith("2.") for n in os.listdir({str(tmp_path)!r})) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        os._exit(0)
         """
     )
     env = dict(os.environ)

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxrl_llm.losses import entropy_from_logits, logprobs_from_logits
+from jaxrl_llm.losses import logprobs_from_logits
 from jaxrl_llm.models import attention
 from jaxrl_llm.models import Decoder, ModelConfig, left_pad_positions
 from jaxrl_llm.parallel import make_mesh, shard_model
@@ -18,8 +18,8 @@ from jaxrl_llm.sampling import (FINISH_LENGTH, FINISH_STOP, Sampler, SamplingPar
                                 values_with_gradient)
 from jaxrl_llm.compile_options import compiler_options
 from jaxrl_llm.sampling.filters import gumbel_noise
-from jaxrl_llm.sampling.decode import compaction_sizes, token_logprob
-from jaxrl_llm.sampling.sampler import _batch_shards, decode_step, prefill
+from jaxrl_llm.sampling.decode import compaction_sizes
+from jaxrl_llm.sampling.sampler import _batch_shards, scanned_decode_logprobs
 from jaxrl_llm.trainer.packing import plan_packing
 
 score_module = importlib.import_module("jaxrl_llm.sampling.score")  # the package exports a function `score`
@@ -313,20 +313,8 @@ def test_decode_logprobs_are_the_samplers_and_differentiate_like_the_decode_loop
         return loss(logp, ent), logp
 
     def loop(st):  # the decode steps as a scan, differentiated directly: the reference gradient
-        model = nnx.merge(sampler.graphdef, st)
-        prompt_len = jnp.repeat(ro.prompt_mask[::2].sum(axis=1).astype(jnp.int32), 2)
-        with attention.static_decode_blocks():  # a loop reverse mode can differentiate
-            logits, cache, _ = prefill(model, ro.prompt_ids[::2], ro.prompt_mask[::2], 2, 15, sampler.cache_dtype)
-
-            def step(carry, xs):
-                cache, logits = carry
-                t, tok = xs
-                out = (token_logprob(logits, tok, 0.8), entropy_from_logits(logits / 0.8))
-                logits, cache, _ = decode_step(model, cache, tok, prompt_len + t)
-                return (cache, logits), out
-
-            _, (logp, ent) = jax.lax.scan(step, (cache, logits), (jnp.arange(10), ro.tokens.T))
-        logp, ent = jnp.where(ro.mask, logp.T, 0.0), jnp.where(ro.mask, ent.T, 0.0)
+        logp, ent = scanned_decode_logprobs(sampler.graphdef, st, ro.prompt_ids, ro.prompt_mask, ro.tokens, ro.mask,
+                                            **kw)
         return loss(logp, ent), logp
 
     grad = functools.partial(jax.jit, compiler_options=compiler_options())

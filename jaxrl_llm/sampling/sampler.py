@@ -21,15 +21,16 @@ from flax import nnx
 
 from jaxrl_llm.compile_options import compiler_options
 from jaxrl_llm.distributed import host
+from jaxrl_llm.losses import entropy_from_logits
 from jaxrl_llm.models import Decoder, init_cache, left_pad_positions
 from jaxrl_llm.models.attention import static_decode_blocks
 from jaxrl_llm.parallel import active_row_ways, constrain_unembedding
-from jaxrl_llm.sampling.decode import RowLimits, decode_loop, initial_state
+from jaxrl_llm.sampling.decode import RowLimits, decode_loop, initial_state, token_logprob
 from jaxrl_llm.sampling.filters import SamplingParams
 from jaxrl_llm.sampling.score import sequence_logprobs
 
-__all__ = ["Rollout", "Sampler", "FINISH_STOP", "FINISH_LENGTH", "decode_logprobs", "teacher_forced_logprobs",
-           "values_with_gradient"]
+__all__ = ["Rollout", "Sampler", "FINISH_STOP", "FINISH_LENGTH", "decode_logprobs", "scanned_decode_logprobs",
+           "teacher_forced_logprobs", "values_with_gradient"]
 
 FINISH_STOP = 0
 FINISH_LENGTH = 1
@@ -157,6 +158,29 @@ def teacher_forced_logprobs(graphdef, state, prompt_ids, prompt_mask, tokens, ma
         s = decode_loop(s, functools.partial(decode_step, model), params, limits, prompt_width=p, shards=shards,
                         compact_rows=compact_rows)
     return jnp.where(mask, s.logprobs, 0.0), jnp.where(mask, s.entropies, 0.0)
+
+
+def scanned_decode_logprobs(graphdef, state, prompt_ids, prompt_mask, tokens, mask, *, n: int, temperature: float,
+                            cache_dtype):
+    """:func:`teacher_forced_logprobs` as a ``lax.scan`` of decode steps over the whole response (no compaction):
+    a loop reverse mode can differentiate, for checking the gradient exact mode takes against the decode loop's
+    own. Under differentiation its values round apart from the sampler's (``experiments/exact_probe.py``)."""
+    model = nnx.merge(graphdef, state)
+    prompt_ids, prompt_mask = prompt_ids[::n], prompt_mask[::n]
+    r = tokens.shape[1]
+    prompt_len = jnp.repeat(prompt_mask.sum(axis=1).astype(jnp.int32), n)
+
+    def step(carry, xs):
+        cache, logits = carry
+        t, tok = xs
+        out = (token_logprob(logits, tok, temperature), entropy_from_logits(logits / temperature))
+        logits, cache, _ = decode_step(model, cache, tok, prompt_len + t)
+        return (cache, logits), out
+
+    with static_decode_blocks():
+        logits, cache, _ = prefill(model, prompt_ids, prompt_mask, n, prompt_ids.shape[1] + r, cache_dtype)
+        _, (logp, ent) = jax.lax.scan(step, (cache, logits), (jnp.arange(r), tokens.T))
+    return jnp.where(mask, logp.T, 0.0), jnp.where(mask, ent.T, 0.0)
 
 
 def values_with_gradient(values, fn, *args):
