@@ -99,18 +99,15 @@ def initial_state(key, logits, cache: KVCache, experts, params: SamplingParams, 
     """
     rows, r = logits.shape[0], params.max_new_tokens
     zeros = jnp.zeros((rows, r), jnp.float32)
-    if forced is not None:
-        return DecodeState(
-            t=jnp.zeros((), jnp.int32), key=None, cache=cache, logits=logits, gumbel=None, ids=None,
-            tokens=forced, logprobs=zeros, done=jnp.zeros((rows,), bool), stopped=jnp.zeros((rows,), bool),
-            lengths=jnp.zeros((rows,), jnp.int32), experts=experts, entropies=zeros)
-    key, sub = jax.random.split(key)
+    gumbel = None
+    if forced is None:
+        key, sub = jax.random.split(key)
+        gumbel = None if params.greedy else gumbel_noise(sub, logits.shape)
     return DecodeState(
-        t=jnp.zeros((), jnp.int32), key=key, cache=cache, logits=logits,
-        gumbel=None if params.greedy else gumbel_noise(sub, logits.shape), ids=None,
-        tokens=jnp.zeros((rows, r), jnp.int32), logprobs=zeros,
+        t=jnp.zeros((), jnp.int32), key=key, cache=cache, logits=logits, gumbel=gumbel, ids=None,
+        tokens=jnp.zeros((rows, r), jnp.int32) if forced is None else forced, logprobs=zeros,
         done=jnp.zeros((rows,), bool), stopped=jnp.zeros((rows,), bool), lengths=jnp.zeros((rows,), jnp.int32),
-        experts=experts)
+        experts=experts, entropies=None if forced is None else zeros)
 
 
 def _step(s: DecodeState, step_fn, params: SamplingParams, limits: RowLimits, prompt_width: int,
@@ -137,19 +134,15 @@ def _step(s: DecodeState, step_fn, params: SamplingParams, limits: RowLimits, pr
     experts = s.experts
     if routed is not None and experts is not None:  # experts [layers, rows, P + R, k]
         experts = experts.at[:, :, prompt_width + t].set(put(experts[:, :, prompt_width + t], routed, axis=1))
+    recorded = dict(t=t + 1, cache=cache, logits=logits,
+                    logprobs=s.logprobs.at[:, t].set(put(s.logprobs[:, t], jnp.where(active, logp, 0.0))),
+                    done=put(s.done, done), stopped=put(s.stopped, stopped), lengths=put(s.lengths, lengths))
     if forced:
         entropy = jnp.where(active, entropy_from_logits(s.logits / params.temperature), 0.0)
-        return s.replace(
-            t=t + 1, cache=cache, logits=logits,
-            logprobs=s.logprobs.at[:, t].set(put(s.logprobs[:, t], jnp.where(active, logp, 0.0))),
-            entropies=s.entropies.at[:, t].set(put(s.entropies[:, t], entropy)),
-            done=put(s.done, done), stopped=put(s.stopped, stopped), lengths=put(s.lengths, lengths))
+        return s.replace(entropies=s.entropies.at[:, t].set(put(s.entropies[:, t], entropy)), **recorded)
     return s.replace(
-        t=t + 1, key=key, cache=cache, logits=logits,
-        gumbel=None if params.greedy else gumbel_noise(sub, (s.tokens.shape[0], logits.shape[-1])),
-        tokens=s.tokens.at[:, t].set(put(s.tokens[:, t], tok)),
-        logprobs=s.logprobs.at[:, t].set(put(s.logprobs[:, t], jnp.where(active, logp, 0.0))),
-        done=put(s.done, done), stopped=put(s.stopped, stopped), lengths=put(s.lengths, lengths), experts=experts)
+        key=key, gumbel=None if params.greedy else gumbel_noise(sub, (s.tokens.shape[0], logits.shape[-1])),
+        tokens=s.tokens.at[:, t].set(put(s.tokens[:, t], tok)), experts=experts, **recorded)
 
 
 def _compact(s: DecodeState, size: int, shards: int) -> DecodeState:
