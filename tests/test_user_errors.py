@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxrl_llm.checkpoint import Checkpointer
+from jaxrl_llm.cli import main
 from jaxrl_llm.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,9 +28,8 @@ def _train_args(model_dir, run_dir, *extra):
             f"log.run_dir={run_dir}", *TINY, *extra]
 
 
-def _one_line_error(proc, *fragments):
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 2, (proc.args, err[-3000:])
+def _one_line_error(code, err, *fragments):
+    assert code == 2, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, err[-3000:]
@@ -38,7 +38,7 @@ def _one_line_error(proc, *fragments):
     return lines[0]
 
 
-def test_user_errors_give_one_line_and_exit_code_2(tiny_model_dir, tmp_path):
+def test_user_errors_give_one_line_and_exit_code_2(tiny_model_dir, tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     # a checkpoint of something else (a different state) in a run directory
@@ -66,26 +66,26 @@ def test_user_errors_give_one_line_and_exit_code_2(tiny_model_dir, tmp_path):
                                  ["RL stage", "train.micro_batch_size"]),
         "pipeline bad value": (["pipeline", f"run_dir={tmp_path / 'p'}", "sft.steps=many"], ["sft.steps"]),
     }
-    procs = {}
-    for name, (args, fragments) in cases.items():  # two at a time: the machine has few cores
-        procs[name] = (_start(*args), fragments)
-        if len(procs) % 2 == 0:
-            for proc, frags in list(procs.values())[-2:]:
-                proc.wait(timeout=600)
-    for name, (proc, fragments) in procs.items():
-        _one_line_error(proc, *fragments)
+    # the command's own entry point, in this process (a new interpreter per case would cost seconds each);
+    # the one subprocess below checks what the shell sees
+    for name, (args, fragments) in cases.items():
+        code = main(args)
+        _one_line_error(code, capsys.readouterr().err, *fragments)
     # the pipeline stopped before its first stage: nothing was trained or written
     assert not os.path.exists(tmp_path / "p" / "sft")
+    proc = _start(*cases["mesh"][0])
+    _, err = proc.communicate(timeout=600)
+    _one_line_error(proc.returncode, err, *cases["mesh"][1])
     debug = _start("--debug", *cases["mesh"][0])
     _, err = debug.communicate(timeout=600)
     assert debug.returncode != 0 and "Traceback" in err and "ConfigError: mesh" in err
 
 
-def test_an_exploding_learning_rate_exits_3_without_an_export(tiny_model_dir, tmp_path):
-    proc = _start(*_train_args(tiny_model_dir, tmp_path, "train.lr=1e30", "train.steps=3", "checkpoint.every=1",
-                               'reward.fns=[{name: format, kwargs: {pattern: "[0-9]"}}]'))
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 3, err[-3000:]
+def test_an_exploding_learning_rate_exits_3_without_an_export(tiny_model_dir, tmp_path, capsys):
+    code = main(_train_args(tiny_model_dir, tmp_path, "train.lr=1e30", "train.steps=3", "checkpoint.every=1",
+                            'reward.fns=[{name: format, kwargs: {pattern: "[0-9]"}}]'))
+    err = capsys.readouterr().err
+    assert code == 3, err[-3000:]
     assert "training diverged at step 1" in err.splitlines()[-1] and "Traceback" not in err
     assert not os.path.exists(tmp_path / "hf")
     assert Checkpointer(tmp_path / "checkpoints").all_steps() == []
