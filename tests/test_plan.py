@@ -2,7 +2,6 @@
 import importlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -71,9 +70,6 @@ def measured(model_dir, tmp_path_factory):
     overrides = _overrides(model_dir, run_dir)
     mesh = dict(zip(planner.MESH_AXES, (1, 4, 2, 1)))
     cfg = load_config(GRPO, overrides + [f"mesh.{k}={v}" for k, v in mesh.items()])
-    # the plan compiles in a subprocess meanwhile (the thread only waits for it)
-    planning = ThreadPoolExecutor(1).submit(planner.plan, GRPO, overrides, mesh=MESH, accelerator="tpu-v5e",
-                                            backend="cpu")
     trainer = RLTrainer(cfg)
     update, generate, scoring, lowered = [], [], [], {"update": [], "generate": [], "score": []}
     trainer.learner._update = _spy(trainer.learner._update, update, calls=lowered["update"])
@@ -88,9 +84,12 @@ def measured(model_dir, tmp_path_factory):
     finally:
         score_module._jitted_score = original_score
         trainer.close()
+    # the plan of the same config, compiled in a subprocess after the trainer's step: the same programs, so the
+    # subprocess finds them in the tests' compilation cache
+    report = planner.plan(GRPO, overrides, mesh=MESH, accelerator="tpu-v5e", backend="cpu")
     planned = {}  # the planner's programs for the same config, compiled here on the same devices
     planner.compile_plan(cfg, planner.resolve_model(model_dir), mesh, lowered=planned)
-    return dict(resident, update=update[0], generate=generate[0], score=scoring[0], report=planning.result(),
+    return dict(resident, update=update[0], generate=generate[0], score=scoring[0], report=report,
                 trainer_programs={k: v[0] for k, v in lowered.items()}, planned_programs=planned)
 
 
