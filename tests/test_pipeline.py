@@ -33,27 +33,7 @@ def test_short_sft_lowers_loss_and_saves_a_loadable_policy(tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_end_to_end_writes_the_report(tmp_path):
-    from jaxrl_llm.pipeline import load_pipeline_config, run_pipeline
-
-    cfg = load_pipeline_config(os.path.join(CONFIGS, "main.yaml"), [
-        f"run_dir={tmp_path}", "model.hidden_size=32", "model.num_layers=1", "model.intermediate_size=64",
-        "sft.steps=5", "sft.batch_size=8", "sft.difficulties=[1,2]", "eval.difficulties=[1,2]", "eval.problems=4",
-        "eval.n=4", "rl.overrides=[train.steps=2,train.prompts_per_step=4,rollout.n=4,train.micro_batch_size=8,"
-        "log.progress=false]"])
-    path = run_pipeline(cfg, CONFIGS)
-    report = os.path.dirname(path)
-    assert len([f for f in os.listdir(report) if f.endswith(".png")]) >= 8
-    for name in ("eval_sft.json", "eval_rl.json"):
-        table = json.load(open(tmp_path / name))
-        assert set(table) == {"1", "2"} and all(0.0 <= r["pass@1"] <= r["pass@4"] <= 1.0 for r in table.values())
-    assert os.path.isfile(tmp_path / "sft" / "config.json") and os.path.isfile(tmp_path / "rl" / "hf" / "config.json")
-    text = open(path).read()
-    assert "| pass@1 |" in text
-
-
-@pytest.mark.slow
-def test_pipeline_rerun_reuses_finished_stages_and_recomputes_what_changed(tmp_path):
+def test_pipeline_writes_the_report_and_a_rerun_recomputes_only_what_changed(tmp_path):
     from jaxrl_llm.pipeline import load_pipeline_config, run_pipeline
     from jaxrl_llm.tracking import read_jsonl
 
@@ -71,7 +51,15 @@ def test_pipeline_rerun_reuses_finished_stages_and_recomputes_what_changed(tmp_p
     def steps():
         return [r["step"] for r in read_jsonl(tmp_path / "rl" / "metrics.jsonl")]
 
-    run_pipeline(cfg(2), CONFIGS)
+    path = run_pipeline(cfg(2), CONFIGS)
+    report = os.path.dirname(path)
+    assert len([f for f in os.listdir(report) if f.endswith(".png")]) >= 8
+    for name in ("eval_sft.json", "eval_rl.json"):
+        table = json.load(open(tmp_path / name))
+        assert set(table) == {"1", "2"} and all(0.0 <= r["pass@1"] <= r["pass@4"] <= 1.0 for r in table.values())
+    assert os.path.isfile(tmp_path / "sft" / "config.json") and os.path.isfile(tmp_path / "rl" / "hf" / "config.json")
+    assert "| pass@1 |" in open(path).read()
+
     first = stamps()
     run_pipeline(cfg(2), CONFIGS)  # the same job again: every stage reused, nothing rewritten
     assert stamps() == first and steps() == [1, 2]
