@@ -29,7 +29,8 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
+# session-wide: every module reads the same checkpoint, which takes seconds to build (its initialisers compile)
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Qwen3-style policy with the character tokenizer, saved as a Hugging Face checkpoint."""
     from flax import nnx
@@ -46,7 +47,7 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_moe_dir(tmp_path_factory):
     """:func:`tiny_model_dir` as a mixture-of-experts policy (Qwen3-MoE, 4 experts, 2 per token)."""
     from flax import nnx
