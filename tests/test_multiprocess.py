@@ -57,10 +57,6 @@ def _close(a, b, tol=1e-5):
 def _preempted(overrides, run_dir):
     """2 processes x 4 devices started as a cluster would, and told to stop by a SIGTERM to process 1 once a step is
     done; returns the processes' stderr."""
-    import signal
-    import socket
-    import time
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -28,13 +28,13 @@ def _train_args(model_dir, run_dir, *extra):
             f"log.run_dir={run_dir}", *TINY, *extra]
 
 
-def _one_line_error(code, err, *fragments):
-    assert code == 2, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
+def _one_line_error(code, err, *fragments, case=""):
+    assert code == 2, (case, code, err[-3000:])
+    assert "Traceback" not in err, (case, err[-3000:])
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err[-3000:]
+    assert len(lines) == 1, (case, err[-3000:])
     for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
+        assert fragment in lines[0], (case, fragment, lines[0])
     return lines[0]
 
 
@@ -70,7 +70,7 @@ def test_user_errors_give_one_line_and_exit_code_2(tiny_model_dir, tmp_path, cap
     # the one subprocess below checks what the shell sees
     for name, (args, fragments) in cases.items():
         code = main(args)
-        _one_line_error(code, capsys.readouterr().err, *fragments)
+        _one_line_error(code, capsys.readouterr().err, *fragments, case=name)
     # the pipeline stopped before its first stage: nothing was trained or written
     assert not os.path.exists(tmp_path / "p" / "sft")
     proc = _start(*cases["mesh"][0])
