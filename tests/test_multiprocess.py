@@ -31,8 +31,13 @@ def _overrides(model_dir, run_dir, steps=3):
             'reward.fns=[{name: format, kwargs: {pattern: "[0-9]"}}]']
 
 
+def _launcher_env():
+    """This environment without the test process's device settings: each launched process sets its own."""
+    return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+
+
 def _launch(overrides, nproc=2, devices=4):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env = _launcher_env()
     cmd = ["bash", os.path.join(REPO, "launch", "multiprocess_cpu.sh"), str(nproc), str(devices),
            "--config", os.path.join(REPO, "configs", "grpo.yaml"), *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -60,7 +65,7 @@ def _preempted(overrides, run_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env = _launcher_env()
     procs = []
     for rank in range(2):
         penv = dict(env, JAXRL_COORDINATOR=f"127.0.0.1:{port}", JAXRL_NUM_PROCESSES="2", JAXRL_PROCESS_ID=str(rank),
@@ -119,7 +124,7 @@ def test_two_processes_stop_together_resume_and_match_one(tiny_model_dir, tmp_pa
 
 
 def test_unreachable_coordinator_fails_with_a_clear_error(tiny_model_dir, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+    env = _launcher_env()
     env.update(JAXRL_COORDINATOR="127.0.0.1:1", JAXRL_NUM_PROCESSES="2", JAXRL_PROCESS_ID="1", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "jaxrl_llm.cli", "train",
            "--init-timeout", "5", "--config", os.path.join(REPO, "configs", "grpo.yaml"),
