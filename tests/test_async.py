@@ -78,7 +78,7 @@ def test_a_lagging_sampler_reads_the_weights_of_lag_steps_before():
 
 def test_a_lagging_sampler_is_seen_by_the_mismatch_metrics(tiny_model_dir, tmp_path):
     rows, _ = _train(_cfg(tiny_model_dir, tmp_path, None, "train.steps=2", "checkpoint.export_hf=false", VARIED,
-                          "rollout.sampler_lag=1", "train.lr=1e-2"))
+                          "rollout.sampler_lag=1"))
     assert [r["rollout_staleness"] for r in rows] == [0.0, 1.0]
     assert rows[0]["train_sampler_abs_max"] < 1e-4 < 1e-3 < rows[1]["train_sampler_abs_max"]
     with pytest.raises(ConfigError, match="rollout.sampler_lag"):

@@ -8,6 +8,7 @@ import fsspec
 import jax
 import numpy as np
 import pytest
+from test_trainer_rl import _cfg as _trainer_cfg
 
 from jaxrl_llm import paths
 from jaxrl_llm.config import ConfigError, load_config
@@ -94,18 +95,25 @@ def test_resumed_from_a_uri_run_dir_with_evaluation_and_best_checkpoint(tiny_mod
     """file:// run directories (read and written through fsspec like gs://; orbax gets the local path): a run
     interrupted after 2 steps and resumed equals the straight one, evaluations included; evaluating changes
     nothing in the training."""
-    ev = ["eval.split=8", "eval.every=2", "checkpoint.best_metric=eval/pass@1", "checkpoint.every=1"]
-    straight = RLTrainer(_cfg(tiny_model_dir, f"file://{tmp_path}/a", *ev))
+    # the trainer tests' settings, and evaluations sampled like the training (4 prompts of 4 samples, 12 tokens):
+    # programs the other tests compiled too
+    ev = ["eval.split=8", "eval.every=2", "checkpoint.best_metric=eval/pass@1", "checkpoint.every=1", "eval.n=4",
+          "eval.batch_prompts=4"]
+
+    def cfg(run_dir, *extra):
+        return _trainer_cfg(tiny_model_dir, run_dir, None, *extra)
+
+    straight = RLTrainer(cfg(f"file://{tmp_path}/a", *ev))
     straight.train()
     straight.close()
-    first = RLTrainer(_cfg(tiny_model_dir, f"file://{tmp_path}/b", *ev))
+    first = RLTrainer(cfg(f"file://{tmp_path}/b", *ev))
     first.train(stop_after=2)
     first.close()
-    resumed = RLTrainer(_cfg(tiny_model_dir, f"file://{tmp_path}/b", *ev))
+    resumed = RLTrainer(cfg(f"file://{tmp_path}/b", *ev))
     assert resumed.step == 2
     resumed.train()
     resumed.close()
-    quiet = RLTrainer(_cfg(tiny_model_dir, str(tmp_path / "c"), "eval.split=8", "checkpoint.export_hf=false"))
+    quiet = RLTrainer(cfg(str(tmp_path / "c"), "eval.split=8", "checkpoint.export_hf=false"))
     quiet.train()
     quiet.close()
     for x, y, z in zip(_params(straight), _params(resumed), _params(quiet)):

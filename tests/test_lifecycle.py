@@ -105,11 +105,12 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_matches_the_uninterrupted
 
 
 def test_sigint_from_another_process_stops_the_cli_with_exit_code_75(tiny_model_dir, tmp_path):
+    # test_trainer_rl._cfg's settings: the process finds the programs the other tests compiled in their cache
     cmd = [sys.executable, "-m", "jaxrl_llm.cli", "train", "--config", os.path.join(REPO, "configs", "grpo.yaml"),
            f"model.path={tiny_model_dir}", f"log.run_dir={tmp_path}", "train.steps=200", "train.prompts_per_step=4",
            "rollout.n=4", "rollout.max_new_tokens=12", "train.micro_batch_size=8", "data.max_prompt_tokens=40",
            "data.task_kwargs={num_problems: 64, max_ops: 2}", "log.tensorboard=false", "log.progress=false",
-           "checkpoint.async_save=false", VARIED]
+           "checkpoint.async_save=false", "train.lr=1e-3", "algorithm.overlong_cache=4", VARIED]
     env = dict(os.environ, PYTHONPATH=REPO)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
@@ -156,7 +157,9 @@ def test_async_resume_matches_the_uninterrupted_run(tiny_model_dir, tmp_path):
 
 
 def test_a_learning_rate_that_explodes_stops_the_run_and_nothing_non_finite_is_written(tiny_model_dir, tmp_path):
-    trainer = RLTrainer(_cfg(tiny_model_dir, tmp_path, None, "train.lr=1e6", VARIED, "checkpoint.every=1"))
+    # the settings of test_user_errors.py's diverging run: the two tests share their compiled programs
+    trainer = RLTrainer(_cfg(tiny_model_dir, tmp_path, "grpo", "train.lr=1e30", "train.steps=3", VARIED,
+                             "checkpoint.every=1"))
     try:
         with pytest.raises(Diverged, match=r"step 1: one step took the weights' norm .* train.halt_weight_jump"):
             trainer.train()

@@ -242,13 +242,14 @@ def test_cli_prints_the_plan_and_its_verdict(model_dir, tmp_path, capsys):
     assert out["suggestions"][-1]["label"] == "all of the above" and out["suggestions"][-1]["fits"]
 
 
-def test_cli_compiles_here_when_this_process_has_the_devices(tmp_path, capsys):
+def test_cli_compiles_here_when_this_process_has_the_devices(model_dir, tmp_path, capsys):
     config = tmp_path / "config.json"  # a model config alone is enough: nothing is loaded or allocated
-    config.write_text(json.dumps(dict(model_type="qwen3", vocab_size=256, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                      head_dim=16, max_position_embeddings=256)))
-    code = cli.main(["plan", "--config", GRPO, "--mesh", "fsdp=8", "--model-config", str(config), "--accelerator",
-                     "tpu-v5e", "train.micro_batch_size=16", "data.max_prompt_tokens=32", "rollout.max_new_tokens=32"])
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config.write_text(f.read())
+    # the trainer test's settings (without its model.path): the programs it compiled, found in the tests' cache
+    overrides = [o for o in _overrides(model_dir, tmp_path) if not o.startswith("model.path=")]
+    code = cli.main(["plan", "--config", GRPO, "--mesh", MESH, "--model-config", str(config), "--accelerator",
+                     "tpu-v5e", *overrides])
     out = capsys.readouterr().out
     assert code == 0 and "compiled ahead of time on 8 local cpu devices" in out and "fits tpu-v5e" in out
     params = out.split("parameters (float32)")[1].split()

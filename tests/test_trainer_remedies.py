@@ -51,29 +51,27 @@ def test_exploration_and_correction_switches(tiny_model_dir, tmp_path):
     assert first["offpolicy_kl/update0"] < 1e-6 < first["offpolicy_kl/update1"]
 
 
-def test_kl_cov_high_entropy_tokens_and_smoothing(tiny_model_dir, tmp_path):
+def test_kl_cov_high_entropy_tokens_smoothing_and_bupo_warmup(tiny_model_dir, tmp_path):
+    # one run with these switches on; BuPO's warm-up trains only the layers up to bupo_layer (and the final norm
+    # and head) in the first step
     cfg = _cfg(tiny_model_dir, tmp_path, None, "train.steps=1", "checkpoint.export_hf=false",
                "algorithm.cov_penalty=kl_cov", "algorithm.kl_cov_ratio=0.1", "algorithm.entropy_token_frac=0.2",
                "algorithm.ds_gamma_pos=0.01", "algorithm.ds_gamma_neg=0.01", "algorithm.rollout_is=sequence",
-               "algorithm.rollout_mask=geometric", "log.layer_entropy=true", VARIED)
-    _, rows = _run(cfg)
-    m = rows[-1]
-    tokens = m["response_length_mean"] * 16  # 4 prompts x 4 samples
-    assert m["pg_tokens"] == pytest.approx(0.2 * tokens, abs=2 + 0.01 * tokens)
-    assert m["cov_selected"] == pytest.approx(0.1 * tokens, abs=2 + 0.01 * tokens)
-    assert m["kl_cov_loss"] == pytest.approx(0.0, abs=1e-6)  # |logp - old_logp| = 0 before the first update
-    assert {"layer_entropy/0", "layer_entropy/1"} <= set(m)
-
-
-def test_bupo_warmup_trains_only_the_lower_layers(tiny_model_dir, tmp_path):
-    cfg = _cfg(tiny_model_dir, tmp_path, None, "train.steps=1", "checkpoint.export_hf=false",
-               "algorithm.bupo_layer=0", "algorithm.bupo_steps=1", VARIED)
+               "algorithm.rollout_mask=geometric", "log.layer_entropy=true", "algorithm.bupo_layer=0",
+               "algorithm.bupo_steps=1", VARIED)
     trainer = RLTrainer(cfg)
     before = jax.tree.map(np.asarray, trainer.learner.params)
     try:
         trainer.train()
     finally:
         trainer.close()
+    m = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))[-1]
+    tokens = m["response_length_mean"] * 16  # 4 prompts x 4 samples
+    assert m["pg_tokens"] == pytest.approx(0.2 * tokens, abs=2 + 0.01 * tokens)
+    assert m["cov_selected"] == pytest.approx(0.1 * tokens, abs=2 + 0.01 * tokens)
+    assert m["kl_cov_loss"] == pytest.approx(0.0, abs=1e-6)  # |logp - old_logp| = 0 before the first update
+    assert {"layer_entropy/0", "layer_entropy/1"} <= set(m)
+
     after = jax.tree.map(np.asarray, trainer.learner.params)
     changed = lambda a, b: not np.array_equal(a, b)  # noqa: E731
     assert all(not changed(a, b) for a, b in zip(jax.tree.leaves(before["layers"][1]),
@@ -82,8 +80,7 @@ def test_bupo_warmup_trains_only_the_lower_layers(tiny_model_dir, tmp_path):
                                              jax.tree.leaves(after["layers"][0])))
     assert changed(before["norm"]["weight"], after["norm"]["weight"])
     assert changed(before["lm_head"], after["lm_head"])
-    rows = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
-    assert rows[-1]["bupo_warmup"] == 1.0
+    assert m["bupo_warmup"] == 1.0
 
 
 def test_bupo_layer_must_exist(tiny_model_dir, tmp_path):

@@ -52,18 +52,7 @@ def test_every_preset_runs(preset, tiny_model_dir, tmp_path):
         assert np.isfinite(rows[-1]["value_loss"])
 
 
-def test_rematerialised_training_and_mfu(tiny_model_dir, tmp_path):
-    # remat applies to the update only (the sampler fills its KV cache without it)
-    cfg = _cfg(tiny_model_dir, tmp_path, None, "train.steps=1", "checkpoint.export_hf=false", "log.peak_tflops=0.5",
-               "model.remat=full")
-    trainer = RLTrainer(cfg)
-    try:
-        m = trainer.train()
-    finally:
-        trainer.close()
-    assert np.isfinite(m["loss"]) and m["skipped_nonfinite"] == 0.0
-    # MFU is logged when the peak is given: achieved model TFLOP/s over the peak of every device of the run
-    assert m["mfu"] == pytest.approx(m["model_tflops_per_sec"] / (0.5 * jax.device_count()), rel=1e-6)
+def test_peak_tflops_for_mfu(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="log.peak_tflops"):
         _cfg(tiny_model_dir, tmp_path, None, "log.peak_tflops=0")
     # data-sheet bf16 peaks by jax device_kind
@@ -134,17 +123,21 @@ def test_sharded_matches_single_device(tiny_model_dir, tmp_path):
     sharded.close()
 
 
-def test_mesh_rules_place_the_trainers_arrays(tiny_model_dir, tmp_path):
+def test_mesh_rules_place_the_trainers_arrays_and_remat_trains(tiny_model_dir, tmp_path):
     from jax.sharding import PartitionSpec as P
 
-    # rows over `data` only, `embed` dimensions replicated: the rules table from the config places every array
+    # rows over `data` only, `embed` dimensions replicated: the rules table from the config places every array.
+    # The same run rematerialises its layers (in the update only: the sampler fills its KV cache without it) and
+    # logs MFU, given the peak
     cfg = _cfg(tiny_model_dir, tmp_path, None, "train.steps=1", "checkpoint.export_hf=false", "mesh.data=2",
-               "mesh.fsdp=4", "mesh.rules={batch: [data], embed: null}")
+               "mesh.fsdp=4", "mesh.rules={batch: [data], embed: null}", "model.remat=full", "log.peak_tflops=0.5")
     with RLTrainer(cfg) as trainer:
         assert trainer.layout.rows().spec == P(("data",))
         assert trainer.learner.params["layers"][0]["mlp"]["gate"][...].sharding.spec == P(None, None)
         metrics = trainer.train()
     assert np.isfinite(metrics["loss"]) and metrics["skipped_nonfinite"] == 0.0
+    # achieved model TFLOP/s over the peak of every device of the run
+    assert metrics["mfu"] == pytest.approx(metrics["model_tflops_per_sec"] / (0.5 * jax.device_count()), rel=1e-6)
 
 
 def test_shared_prompts_and_packing_train_like_one_forward_per_row(tiny_model_dir, tmp_path):
