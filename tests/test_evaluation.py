@@ -95,8 +95,7 @@ def test_resumed_from_a_uri_run_dir_with_evaluation_and_best_checkpoint(tiny_mod
     """file:// run directories (read and written through fsspec like gs://; orbax gets the local path): a run
     interrupted after 2 steps and resumed equals the straight one, evaluations included; evaluating changes
     nothing in the training."""
-    # the trainer tests' settings, and evaluations sampled like the training (4 prompts of 4 samples, 12 tokens):
-    # programs the other tests compiled too
+    # test_trainer_rl._cfg's settings: its training programs are the ones the other trainer tests compile
     ev = ["eval.split=8", "eval.every=2", "checkpoint.best_metric=eval/pass@1", "checkpoint.every=1", "eval.n=4",
           "eval.batch_prompts=4"]
 

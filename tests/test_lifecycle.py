@@ -105,7 +105,7 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_matches_the_uninterrupted
 
 
 def test_sigint_from_another_process_stops_the_cli_with_exit_code_75(tiny_model_dir, tmp_path):
-    # test_trainer_rl._cfg's settings: the process finds the programs the other tests compiled in their cache
+    # test_trainer_rl._cfg's settings: the process can find the other tests' programs in their compilation cache
     cmd = [sys.executable, "-m", "jaxrl_llm.cli", "train", "--config", os.path.join(REPO, "configs", "grpo.yaml"),
            f"model.path={tiny_model_dir}", f"log.run_dir={tmp_path}", "train.steps=200", "train.prompts_per_step=4",
            "rollout.n=4", "rollout.max_new_tokens=12", "train.micro_batch_size=8", "data.max_prompt_tokens=40",

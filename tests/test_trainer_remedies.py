@@ -27,12 +27,14 @@ VARIED = "reward.fns=[{name: digit_share_for_test}]"
 
 
 def _run(cfg):
+    """Train ``cfg``; returns the trainer, its metrics rows and its parameters before training (numpy)."""
     trainer = RLTrainer(cfg)
+    before = jax.tree.map(np.asarray, trainer.learner.params)
     try:
         trainer.train()
     finally:
         trainer.close()
-    return trainer, read_jsonl(os.path.join(cfg.log.run_dir, "metrics.jsonl"))
+    return trainer, read_jsonl(os.path.join(cfg.log.run_dir, "metrics.jsonl")), before
 
 
 def test_exploration_and_correction_switches(tiny_model_dir, tmp_path):
@@ -41,8 +43,7 @@ def test_exploration_and_correction_switches(tiny_model_dir, tmp_path):
                "algorithm.clip_cov_high=10", "algorithm.entropy_target=100", "algorithm.entropy_coef=0.001",
                "algorithm.entropy_coef_step=0.002", "algorithm.rollout_is=token", "algorithm.rollout_mask=token",
                "algorithm.minibatches=2", VARIED)
-    _, rows = _run(cfg)
-    first, last = rows
+    first, last = _run(cfg)[1]
     assert first["cov_selected"] >= 1 and np.isfinite(first["cov_mean"])
     # the entropy stays below the (unreachable) target, so the coefficient grows by one step per RL step
     assert first["entropy_coef"] == pytest.approx(0.001) and last["entropy_coef"] == pytest.approx(0.003)
@@ -54,18 +55,13 @@ def test_exploration_and_correction_switches(tiny_model_dir, tmp_path):
 def test_kl_cov_high_entropy_tokens_smoothing_and_bupo_warmup(tiny_model_dir, tmp_path):
     # one run with these switches on; BuPO's warm-up trains only the layers up to bupo_layer (and the final norm
     # and head) in the first step
-    cfg = _cfg(tiny_model_dir, tmp_path, None, "train.steps=1", "checkpoint.export_hf=false",
-               "algorithm.cov_penalty=kl_cov", "algorithm.kl_cov_ratio=0.1", "algorithm.entropy_token_frac=0.2",
-               "algorithm.ds_gamma_pos=0.01", "algorithm.ds_gamma_neg=0.01", "algorithm.rollout_is=sequence",
-               "algorithm.rollout_mask=geometric", "log.layer_entropy=true", "algorithm.bupo_layer=0",
-               "algorithm.bupo_steps=1", VARIED)
-    trainer = RLTrainer(cfg)
-    before = jax.tree.map(np.asarray, trainer.learner.params)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    m = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))[-1]
+    switches = ["algorithm.cov_penalty=kl_cov", "algorithm.kl_cov_ratio=0.1", "algorithm.entropy_token_frac=0.2",
+                "algorithm.ds_gamma_pos=0.01", "algorithm.ds_gamma_neg=0.01", "algorithm.rollout_is=sequence",
+                "algorithm.rollout_mask=geometric", "log.layer_entropy=true", "algorithm.bupo_layer=0",
+                "algorithm.bupo_steps=1"]
+    trainer, rows, before = _run(_cfg(tiny_model_dir, tmp_path, None, "train.steps=1", "checkpoint.export_hf=false",
+                                      *switches, VARIED))
+    m = rows[-1]
     tokens = m["response_length_mean"] * 16  # 4 prompts x 4 samples
     assert m["pg_tokens"] == pytest.approx(0.2 * tokens, abs=2 + 0.01 * tokens)
     assert m["cov_selected"] == pytest.approx(0.1 * tokens, abs=2 + 0.01 * tokens)
@@ -138,8 +134,7 @@ def test_routing_agreement_and_replay(tiny_moe_dir):
 def test_trainer_routing_replay_with_a_bf16_sampler(tiny_moe_dir, tmp_path):
     cfg = _cfg(tiny_moe_dir, tmp_path, None, "train.steps=1", "checkpoint.export_hf=false",
                "rollout.routing_replay=true", "rollout.sampler_dtype=bfloat16", VARIED)
-    _, rows = _run(cfg)
-    m = rows[-1]
+    m = _run(cfg)[1][-1]
     assert 0.0 < m["routing_agreement"] <= 1.0 and np.isfinite(m["loss"])
 
 
