@@ -157,9 +157,8 @@ def test_async_resume_matches_the_uninterrupted_run(tiny_model_dir, tmp_path):
 
 
 def test_a_learning_rate_that_explodes_stops_the_run_and_nothing_non_finite_is_written(tiny_model_dir, tmp_path):
-    # the settings of test_user_errors.py's diverging run: the two tests share their compiled programs
-    trainer = RLTrainer(_cfg(tiny_model_dir, tmp_path, "grpo", "train.lr=1e30", "train.steps=3", VARIED,
-                             "checkpoint.every=1"))
+    # 1e6: the weights jump but stay finite (test_user_errors.py's 1e30 takes them to inf)
+    trainer = RLTrainer(_cfg(tiny_model_dir, tmp_path, None, "train.lr=1e6", VARIED, "checkpoint.every=1"))
     try:
         with pytest.raises(Diverged, match=r"step 1: one step took the weights' norm .* train.halt_weight_jump"):
             trainer.train()

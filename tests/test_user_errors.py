@@ -82,9 +82,7 @@ def test_user_errors_give_one_line_and_exit_code_2(tiny_model_dir, tmp_path, cap
 
 
 def test_an_exploding_learning_rate_exits_3_without_an_export(tiny_model_dir, tmp_path, capsys):
-    # the settings of test_lifecycle.py's diverging run: the two tests share their compiled programs
     code = main(_train_args(tiny_model_dir, tmp_path, "train.lr=1e30", "train.steps=3", "checkpoint.every=1",
-                            "algorithm.overlong_cache=4",
                             'reward.fns=[{name: format, kwargs: {pattern: "[0-9]"}}]'))
     err = capsys.readouterr().err
     assert code == 3, err[-3000:]
