@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_trainer_rl import _cfg, _params
+from test_trainer_rl import _cfg, _overrides, _params
 
 from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.errors import Diverged, Interrupted, RewardFailure, UserError
@@ -105,12 +105,9 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_matches_the_uninterrupted
 
 
 def test_sigint_from_another_process_stops_the_cli_with_exit_code_75(tiny_model_dir, tmp_path):
-    # test_trainer_rl._cfg's settings: the process can find the other tests' programs in their compilation cache
+    # the shared tiny run's settings: the process can find the other tests' programs in their compilation cache
     cmd = [sys.executable, "-m", "jaxrl_llm.cli", "train", "--config", os.path.join(REPO, "configs", "grpo.yaml"),
-           f"model.path={tiny_model_dir}", f"log.run_dir={tmp_path}", "train.steps=200", "train.prompts_per_step=4",
-           "rollout.n=4", "rollout.max_new_tokens=12", "train.micro_batch_size=8", "data.max_prompt_tokens=40",
-           "data.task_kwargs={num_problems: 64, max_ops: 2}", "log.tensorboard=false", "log.progress=false",
-           "checkpoint.async_save=false", "train.lr=1e-3", "algorithm.overlong_cache=4", VARIED]
+           *_overrides(tiny_model_dir, tmp_path), "train.steps=200", VARIED]
     env = dict(os.environ, PYTHONPATH=REPO)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"

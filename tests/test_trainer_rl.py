@@ -15,13 +15,17 @@ from jaxrl_llm.tracking import read_jsonl
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
+def _overrides(model_dir, run_dir) -> list[str]:
+    """The shared tiny run's settings (as command-line overrides): tests that keep them share compiled programs."""
+    return [f"model.path={model_dir}", f"log.run_dir={run_dir}", "train.steps=4", "train.prompts_per_step=4",
+            "rollout.n=4", "rollout.max_new_tokens=12", "train.micro_batch_size=8", "data.max_prompt_tokens=40",
+            "data.task_kwargs={num_problems: 64, max_ops: 2}", "train.lr=1e-3", "log.tensorboard=false",
+            "log.progress=false", "checkpoint.async_save=false", "algorithm.overlong_cache=4"]
+
+
 def _cfg(model_dir, run_dir, preset=None, *extra):
-    overrides = [f"model.path={model_dir}", f"log.run_dir={run_dir}", "train.steps=4", "train.prompts_per_step=4",
-                 "rollout.n=4", "rollout.max_new_tokens=12", "train.micro_batch_size=8", "data.max_prompt_tokens=40",
-                 "data.task_kwargs={num_problems: 64, max_ops: 2}", "train.lr=1e-3", "log.tensorboard=false",
-                 "log.progress=false", "checkpoint.async_save=false", "algorithm.overlong_cache=4", *extra]
     path = os.path.join(CONFIGS, f"{preset}.yaml") if preset else None
-    return load_config(path, overrides)
+    return load_config(path, [*_overrides(model_dir, run_dir), *extra])
 
 
 def _params(trainer):
